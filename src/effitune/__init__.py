@@ -1,0 +1,38 @@
+"""effitune: a folder of labelled images -> a calibrated, deployable EfficientNet classifier.
+
+Public API (the CLI is a thin layer over it)::
+
+    import effitune
+    result = effitune.scan("photos/")                 # audit-ready records
+    report = effitune.audit(result.records_path)
+    run = effitune.train("photos/", out="runs/first")  # two-stage transfer learning -> bundle
+    predictor = effitune.load(run.bundle)
+    predictor.predict(["new.jpg"])
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["scan", "audit", "split", "train", "load", "Predictor", "Config", "load_config", "UserError"]
+
+from .config import Config, load_config
+from .errors import UserError
+
+
+def __getattr__(name: str):
+    # Lazy: `import effitune` stays fast; torch and friends load on first use.
+    if name == "scan":
+        from .data.scan import scan
+        return scan
+    if name == "audit":
+        from .data.audit import audit
+        return audit
+    if name == "split":
+        from .data.split import split_records
+        return split_records
+    if name == "train":
+        from .train.run import train
+        return train
+    if name in ("load", "Predictor"):
+        from . import predict
+        return getattr(predict, name)
+    raise AttributeError(f"module 'effitune' has no attribute {name!r}")

@@ -1,0 +1,109 @@
+"""The model bundle: the contract between training and everything after it.
+
+A bundle is a folder holding `weights.safetensors` (no pickle) and `effitune.json` (format version,
+classes, backbone, weight source, preprocessing, resolved config, metrics, temperature, unknown-image
+threshold, data manifest hash, library versions, time), plus curves and metrics files. It is written
+to a temporary sibling folder and renamed into place, so a crash never leaves a half-written bundle.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+
+FORMAT_VERSION = 1
+META_FILE = "effitune.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in ("effitune", "torch", "timm", "lightning", "numpy", "pillow"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def save_bundle(folder: str | Path, state_dict: dict[str, torch.Tensor], meta: dict,
+                extra_files: dict[str, Path] | None = None) -> Path:
+    """Write the bundle atomically; an existing bundle at `folder` is replaced only once the new one is whole."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp"
+    staging.mkdir()
+    try:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+        save_file(tensors, staging / WEIGHTS_FILE)
+        for name, source in (extra_files or {}).items():
+            if Path(source).is_file():
+                shutil.copyfile(source, staging / name)
+        full_meta = {"format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                     "versions": library_versions(), **meta}
+        (staging / META_FILE).write_text(json.dumps(full_meta, indent=2, ensure_ascii=True))
+        _swap_into_place(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def _swap_into_place(staging: Path, folder: Path) -> None:
+    if folder.exists():
+        old = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.old"
+        folder.rename(old)
+        staging.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(folder)
+
+
+def update_meta(folder: str | Path, **changes) -> dict:
+    """Merge `changes` into a bundle's effitune.json (atomic replace of that one file)."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    meta.update(changes)
+    temporary = folder / f".{META_FILE}.{uuid.uuid4().hex[:8]}.tmp"
+    temporary.write_text(json.dumps(meta, indent=2, ensure_ascii=True))
+    temporary.replace(folder / META_FILE)
+    return meta
+
+
+def read_meta(folder: str | Path) -> dict:
+    folder = Path(folder)
+    meta_path = folder / META_FILE
+    if not folder.is_dir() or not meta_path.is_file():
+        raise UserError(f"{folder} is not an effitune model bundle (no {META_FILE} inside). Pass the folder that "
+                        "`effitune train` wrote (its `model/` subfolder).")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{meta_path} is damaged ({error}). Copy the bundle again or re-train.") from None
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UserError(f"{meta_path} has bundle format {version!r}; this effitune reads up to "
+                        f"{FORMAT_VERSION}. Upgrade effitune.")
+    for key in ("classes", "backbone", "preprocessing"):
+        if key not in meta:
+            raise UserError(f"{meta_path} lacks '{key}'; the bundle is incomplete. Re-export it with `effitune train`.")
+    return meta
+
+
+def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(folder) / WEIGHTS_FILE
+    if not path.is_file():
+        raise UserError(f"{path} is missing: the bundle is incomplete. Copy it again or re-train.")
+    try:
+        return load_file(path)
+    except (SafetensorsError, OSError, ValueError) as error:
+        raise UserError(f"{path} is corrupted ({error}). Copy the bundle again or re-train.") from None

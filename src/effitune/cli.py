@@ -1,0 +1,234 @@
+"""`effitune` command line: a thin Typer layer over the Python API.
+
+User mistakes (UserError, ConfigError) print one clear message and exit with code 2, never a
+traceback. JSON output (`--json`) goes to stdout; progress and tables go to stderr.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .config import ConfigError, load_config
+from .errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Turn a folder of labelled images into a calibrated, deployable EfficientNet classifier.")
+err = Console(stderr=True)
+
+
+def user_errors(command):
+    """Turn user mistakes into a message and exit code 2."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (UserError, ConfigError) as error:
+            err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+def print_json(value) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=True, default=str) + "\n")
+
+
+@app.command()
+@user_errors
+def scan(data: Path = typer.Argument(..., help="Folder with one subfolder per class, or a CSV with path,label."),
+         out: Path = typer.Option(Path(".effitune"), help="Where records.jsonl is written."),
+         json_output: bool = typer.Option(False, "--json", help="Machine-readable results on stdout."),
+         min_side: Optional[int] = typer.Option(None, help="Reject images whose shorter side is below this."),
+         max_pixels: Optional[int] = typer.Option(None, help="Decompression-bomb limit in pixels."),
+         workers: Optional[int] = typer.Option(None, help="Processes (default: all cores).")):
+    """Find every image, check it fully, and write records.jsonl with a status per file."""
+    from .data.scan import scan as run_scan
+
+    config = load_config(overrides={"data.min_side": min_side, "data.max_pixels": max_pixels})
+    result = run_scan(data, out=out, config=config.data, workers=workers, progress=not json_output)
+    if json_output:
+        print_json(result.to_dict())
+    else:
+        err.print(result.summary_table())
+        err.print(f"records: {result.records_path}")
+
+
+@app.command()
+@user_errors
+def audit(data: Path = typer.Argument(..., help="Data folder / CSV (scanned first) or a records.jsonl."),
+          manifest: Optional[Path] = typer.Option(None, help="manifest.csv: also report leakage across splits."),
+          out: Path = typer.Option(Path(".effitune"), help="Where scan results go when DATA is scanned."),
+          json_output: bool = typer.Option(False, "--json")):
+    """Class balance, resolutions, orientations, duplicates, label conflicts and split leakage."""
+    from .data.audit import audit as run_audit
+    from .data.scan import scan as run_scan
+
+    records = data if data.suffix == ".jsonl" else run_scan(data, out=out, progress=not json_output).records_path
+    report = run_audit(records, manifest=manifest)
+    if json_output:
+        print_json(report.to_dict())
+    else:
+        err.print(report.render())
+
+
+@app.command()
+@user_errors
+def split(data: Path = typer.Argument(..., help="Data folder / CSV."),
+          out: Path = typer.Option(Path(".effitune"), help="Folder for records.jsonl and manifest.csv."),
+          val: float = typer.Option(0.15, help="Validation fraction."),
+          test: float = typer.Option(0.15, help="Test fraction."),
+          seed: int = typer.Option(0, help="Same data + seed -> identical manifest.")):
+    """Stratified, seeded, duplicate-aware train/val/test split -> manifest.csv."""
+    from .data.audit import duplicate_groups
+    from .data.scan import load_ok_records, scan as run_scan
+    from .data.split import split_counts, split_records, write_manifest
+
+    config = load_config(overrides={"data.val": val, "data.test": test, "data.seed": seed})
+    result = run_scan(data, out=out, config=config.data)
+    records = load_ok_records(result.records_path)
+    rows = split_records(records, val=val, test=test, seed=seed,
+                         groups=duplicate_groups(records, config.data.near_duplicate_distance))
+    path = write_manifest(rows, out / "manifest.csv")
+    table = Table("split", "images", "classes")
+    for part, counts in split_counts(rows).items():
+        table.add_row(part, str(sum(counts.values())), str(len(counts)))
+    err.print(table)
+    err.print(f"manifest: {path}")
+
+
+@app.command()
+@user_errors
+def train(data: Optional[Path] = typer.Argument(None, help="Data folder / CSV (not needed with --manifest/--resume)."),
+          out: Path = typer.Option(Path("runs/run"), help="Run folder: config, manifest, logs, model/."),
+          config: Optional[Path] = typer.Option(None, help="YAML config (defaults < file < flags)."),
+          manifest: Optional[Path] = typer.Option(None, help="Reuse an existing manifest.csv."),
+          resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run folder."),
+          model: Optional[str] = typer.Option(None, help="Backbone name (see `effitune models`)."),
+          weights: Optional[Path] = typer.Option(None, help="Local weights file (.safetensors or .pth)."),
+          epochs: Optional[int] = typer.Option(None, help="Epochs per phase (both stages)."),
+          image_size: Optional[int] = typer.Option(None, help="Training resolution (default: from data)."),
+          unfreeze: Optional[str] = typer.Option(None, help="auto | N last stages | all | 0 (head only)."),
+          batch_size: Optional[int] = typer.Option(None),
+          augment: Optional[str] = typer.Option(None, help="none | light | standard | strong."),
+          train_bn: Optional[bool] = typer.Option(None, "--train-bn/--frozen-bn", help="Let BatchNorm train in stage 2."),
+          feature_cache: Optional[bool] = typer.Option(None, "--feature-cache/--no-feature-cache",
+                                                       help="Train on cached frozen-prefix activations."),
+          accelerator: Optional[str] = typer.Option(None, help="auto | cpu | gpu (Lightning)."),
+          devices: Optional[str] = typer.Option(None, help="auto | N (Lightning)."),
+          precision: Optional[str] = typer.Option(None, help="auto | 32-true | bf16-mixed | 16-mixed."),
+          seed: Optional[int] = typer.Option(None),
+          json_output: bool = typer.Option(False, "--json", help="Print the test metrics as JSON.")):
+    """Scan -> split -> two-stage training -> evaluation on the test split -> model bundle."""
+    from .train.run import train as run_train
+
+    overrides = {"model.backbone": model, "model.weights": str(weights) if weights else None,
+                 "train.stage1.epochs": epochs, "train.stage2.epochs": epochs, "data.image_size": image_size,
+                 "train.unfreeze": unfreeze, "train.batch_size": batch_size, "data.augment": augment,
+                 "train.train_bn": train_bn, "train.feature_cache": feature_cache,
+                 "train.accelerator": accelerator, "train.devices": devices, "train.precision": precision,
+                 "train.seed": seed, "data.seed": seed}
+    if resume is None:
+        resolved = load_config(config, overrides)
+        result = run_train(data, out=out, config=resolved, manifest=manifest)
+    else:
+        result = run_train(resume=resume)
+    if json_output:
+        print_json({"run_dir": str(result.run_dir), "bundle": str(result.bundle), "metrics": result.metrics})
+
+
+@app.command()
+@user_errors
+def evaluate(bundle: Path = typer.Argument(..., help="Model bundle folder."),
+             data: Path = typer.Argument(..., help="manifest.csv (its test split) or a folder/CSV (all of it)."),
+             split_name: str = typer.Option("test", "--split", help="Which manifest split to evaluate."),
+             json_output: bool = typer.Option(False, "--json")):
+    """Accuracy, top-k and per-class metrics of a bundle on labelled images."""
+    from .evaluate.evaluate import evaluate_bundle
+
+    metrics = evaluate_bundle(bundle, data, split=split_name)
+    if json_output:
+        print_json(metrics)
+        return
+    table = Table("class", "precision", "recall", "f1", "support", title=f"{bundle} on {data}")
+    for name, row in metrics["per_class"].items():
+        table.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
+    err.print(table)
+    err.print(f"accuracy {metrics['accuracy']:.4f}  top-k {metrics['top_k']}  n={metrics['n']}")
+
+
+@app.command()
+@user_errors
+def predict(bundle: Path = typer.Argument(..., help="Model bundle folder."),
+            paths: List[str] = typer.Argument(..., help="Image files, folders or glob patterns."),
+            top_k: int = typer.Option(3, help="How many classes to list per image."),
+            json_output: bool = typer.Option(False, "--json", help="One JSON object per line (JSON Lines).")):
+    """Classify images; a file that can't be read gets an error line and the rest go on."""
+    from .predict import load
+
+    predictor = load(bundle)
+    failures = 0
+    for result in predictor.iter_predict(paths, top_k=top_k):
+        failures += "error" in result
+        if json_output:
+            sys.stdout.write(json.dumps(result, ensure_ascii=True) + "\n")
+        elif "error" in result:
+            err.print(f"[red]{result['path']}: {result['error']}[/]", highlight=False)
+        else:
+            ranked = "  ".join(f"{t['label']} {t['probability']:.3f}" for t in result["top_k"])
+            print(f"{result['path']}\t{ranked}")
+    if failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def models(json_output: bool = typer.Option(False, "--json")):
+    """Backbones effitune can train, with size, resolution, ImageNet top-1 and offline weights."""
+    from .models.backbones import list_backbones
+
+    rows = list_backbones()
+    if json_output:
+        print_json(rows)
+        return
+    table = Table(*rows[0].keys()) if rows else Table()
+    for row in rows:
+        table.add_row(*[str(v) for v in row.values()])
+    err.print(table)
+
+
+@app.command()
+@user_errors
+def demo(out: Path = typer.Option(Path("demo"), help="Where the images and the run go."),
+         per_class: int = typer.Option(600, help="Fashion-MNIST images per class to export."),
+         source: Optional[Path] = typer.Option(None, help="Folder with the *-ubyte.gz files (default: Debian's)."),
+         epochs: Optional[int] = typer.Option(None, help="Epochs per phase (default: from data size).")):
+    """The main job on real data: Fashion-MNIST -> PNG folders -> two-stage training -> test accuracy."""
+    from .datasets import export_fashion_mnist
+    from .train.run import train as run_train
+
+    images = export_fashion_mnist(out / "fashion-mnist", per_class=per_class, source=source)
+    err.print(f"Fashion-MNIST: {per_class} images per class in {images}")
+    run_dir = out / "run"
+    if (run_dir / "state.json").is_file() and not (run_dir / "model" / "effitune.json").is_file():
+        result = run_train(resume=run_dir)
+    else:
+        if (run_dir / "state.json").is_file():
+            import shutil
+            shutil.rmtree(run_dir)
+        config = load_config(overrides={"train.stage1.epochs": epochs, "train.stage2.epochs": epochs})
+        result = run_train(images, out=run_dir, config=config)
+    err.print(f"demo done: test accuracy {result.metrics['accuracy']:.4f}; try "
+              f"`effitune predict {result.bundle} {images}/bag`")
+
+
+if __name__ == "__main__":
+    app()

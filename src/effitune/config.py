@@ -1,0 +1,155 @@
+"""The one typed, commented source of every default.
+
+Precedence is fixed: these defaults < a YAML config file (`--config`) < command-line flags. Unknown
+keys are rejected with a suggestion, so a typo never passes silently. The resolved config is saved
+with every run and inside every bundle.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or flag; the message names the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    val: float = 0.15  # fraction of each class held out for model selection
+    test: float = 0.15  # fraction held out for the final, untouched accuracy figure
+    seed: int = 0  # split seed: same data + seed -> identical manifest
+    min_side: int = 16  # images smaller than this (pixels, shorter side) are rejected
+    max_pixels: int = 89_478_485  # decompression-bomb limit (Pillow's default)
+    near_duplicate_distance: int = 4  # perceptual-hash Hamming distance counted as "near duplicate"
+    image_size: int | None = None  # training resolution; None = chosen from the data and the backbone
+    augment: str = "standard"  # recipe name: none | light | standard | strong
+    balance: str = "none"  # none | weights (loss class weights) | sampler (balanced sampling)
+    workers: int | None = None  # data-loading / scanning processes; None = all cores
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "tf_efficientnet_lite0"  # any name `effitune models` lists
+    weights: str | None = None  # local weights file; None = packaged, then timm's hub
+    dropout: float = 0.2  # dropout before the new linear head
+
+
+@dataclass
+class StageConfig:
+    epochs: int | None = None  # None = chosen from the dataset size
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.5  # linear warmup, then cosine decay to lr/100
+    patience: int = 3  # early stopping on validation accuracy
+
+
+@dataclass
+class TrainConfig:
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(lr=3e-3, weight_decay=1e-4))
+    # Stage 2's lr is stage 1's x lr_factor: the recipe's "lowered learning rate".
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(lr=None, weight_decay=1e-5))  # type: ignore[arg-type]
+    lr_factor: float = 0.1
+    unfreeze: str = "auto"  # "auto" (go deeper while val improves) | N (last N whole stages) | "all"
+    max_unfreeze: int = 3  # deepest stage count "auto" tries
+    time_budget_min: float | None = None  # stop going deeper under "auto" once this is spent
+    train_bn: bool = False  # BatchNorm stays frozen (inference mode) unless asked
+    batch_size: int = 64
+    label_smoothing: float = 0.1
+    feature_cache: bool = True  # train on cached frozen-prefix activations (exact for frozen layers)
+    cache_views: int = 2  # augmented views of each training image cached for the frozen prefix
+    precision: str = "auto"  # auto (bf16-mixed on GPU, 32 on CPU) or any Lightning precision
+    accelerator: str = "auto"
+    devices: str = "auto"
+    seed: int = 0
+
+
+@dataclass
+class UnknownConfig:
+    target_tpr: float = 0.95  # share of known validation images that must still be accepted
+    score: str = "auto"  # msp | energy | knn | auto (best on --unknown-dir, else knn)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    unknown: UnknownConfig = field(default_factory=UnknownConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _merge(target: Any, values: dict[str, Any], where: str) -> None:
+    known = {f.name: f for f in fields(target)}
+    for key, value in values.items():
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            suggestion = f" Did you mean '{hint[0]}'?" if hint else f" Known keys: {', '.join(known)}."
+            raise ConfigError(f"Unknown config key '{where}{key}'.{suggestion}")
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"Config key '{where}{key}' must be a mapping, got {value!r}.")
+            _merge(current, value, f"{where}{key}.")
+        else:
+            setattr(target, key, value)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the YAML file, then `overrides` ({"train.batch_size": 32} or nested dicts)."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist. Pass an existing YAML file to --config.")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"Config file {path} is not valid YAML: {error}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"Config file {path} must hold a mapping of sections (data:, model:, train:).")
+        _merge(config, values, "")
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        *parents, leaf = dotted.split(".")
+        nested: dict[str, Any] = {leaf: value}
+        for parent in reversed(parents):
+            nested = {parent: nested}
+        _merge(config, nested, "")
+    validate(config)
+    return config
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    config = Config()
+    _merge(config, values, "")
+    return config
+
+
+def validate(config: Config) -> None:
+    d, t = config.data, config.train
+    if not (0 <= d.val < 1 and 0 <= d.test < 1 and d.val + d.test < 1):
+        raise ConfigError(f"data.val ({d.val}) and data.test ({d.test}) must be fractions that sum below 1.")
+    if d.augment not in ("none", "light", "standard", "strong"):
+        raise ConfigError(f"data.augment '{d.augment}' is not a recipe: use none, light, standard or strong.")
+    if d.balance not in ("none", "weights", "sampler"):
+        raise ConfigError(f"data.balance '{d.balance}' must be none, weights or sampler.")
+    unfreeze = str(t.unfreeze)
+    if unfreeze not in ("auto", "all") and not (unfreeze.isdigit() and int(unfreeze) >= 0):
+        raise ConfigError(f"train.unfreeze '{t.unfreeze}' must be auto, all or a whole number of stages (0 = head only).")
+    if t.batch_size < 1 or t.cache_views < 1:
+        raise ConfigError("train.batch_size and train.cache_views must be at least 1.")
+    if not 0 < config.unknown.target_tpr <= 1:
+        raise ConfigError(f"unknown.target_tpr ({config.unknown.target_tpr}) must be in (0, 1].")
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

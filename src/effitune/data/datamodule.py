@@ -1,0 +1,114 @@
+"""Datasets and the LightningDataModule over the manifest and the resize-once cache.
+
+Images come out of the cache as uint8 CHW tensors (augmented per sample in the loader workers);
+the model converts and normalizes them. Frozen-prefix activations (see `train.features`) have their
+own dataset that serves one cached augmented view per epoch.
+"""
+from __future__ import annotations
+
+import os
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from .cache import ImageCache
+from .transforms import build_augmentation, to_chw
+
+
+class ImageDataset(Dataset):
+    def __init__(self, cache: ImageCache, keys: list[str], labels: np.ndarray, transform=None):
+        self.cache, self.keys, self.labels, self.transform = cache, keys, np.asarray(labels), transform
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index: int):
+        image = to_chw(np.array(self.cache.get(self.keys[index])))
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index])
+
+
+class ActivationDataset(Dataset):
+    """Cached activations of shape (views, N, ...): epoch e reads view e % views."""
+
+    def __init__(self, activations: np.ndarray, labels: np.ndarray):
+        self.activations, self.labels = activations, torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        self.view = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.view = epoch % self.activations.shape[0]
+
+    def __len__(self) -> int:
+        return self.activations.shape[1]
+
+    def __getitem__(self, index: int):
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]):
+        order = np.sort(np.asarray(indices))  # sorted reads are sequential on the memory map
+        batch = torch.from_numpy(np.ascontiguousarray(self.activations[self.view, order]))
+        return [(batch[i], self.labels[j]) for i, j in enumerate(order)]
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights, normalized to mean 1 (scikit-learn's 'balanced' rule)."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = len(labels) / (num_classes * np.maximum(counts, 1))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def balanced_sampler(labels: np.ndarray, num_classes: int, seed: int = 0) -> WeightedRandomSampler:
+    per_sample = class_weights(labels, num_classes).numpy()[labels]
+    generator = torch.Generator().manual_seed(seed)
+    return WeightedRandomSampler(per_sample, num_samples=len(labels), replacement=True, generator=generator)
+
+
+def default_workers() -> int:
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Train/val/test loaders over manifest rows, reading from the resize-once cache."""
+
+    def __init__(self, rows: list[dict], keys: list[str], classes: list[str], cache: ImageCache,
+                 batch_size: int = 64, augment: str = "standard", balance: str = "none",
+                 workers: int | None = None, seed: int = 0):
+        super().__init__()
+        self.cache, self.classes, self.batch_size = cache, classes, batch_size
+        self.augment, self.balance, self.seed = augment, balance, seed
+        self.workers = default_workers() if workers is None else workers
+        index = {name: i for i, name in enumerate(classes)}
+        self.parts = {}
+        for part in ("train", "val", "test"):
+            chosen = [i for i, row in enumerate(rows) if row["split"] == part]
+            self.parts[part] = ([keys[i] for i in chosen], np.array([index[rows[i]["label"]] for i in chosen],
+                                                                    dtype=np.int64))
+
+    def labels(self, part: str) -> np.ndarray:
+        return self.parts[part][1]
+
+    def dataset(self, part: str, augment: bool | None = None) -> ImageDataset:
+        keys, labels = self.parts[part]
+        use = (part == "train") if augment is None else augment
+        transform = build_augmentation(self.augment, self.cache.size) if use else None
+        return ImageDataset(self.cache, keys, labels, transform)
+
+    def _loader(self, part: str, shuffle: bool, sampler=None) -> DataLoader:
+        return DataLoader(self.dataset(part), batch_size=self.batch_size, shuffle=shuffle and sampler is None,
+                          sampler=sampler, num_workers=self.workers, pin_memory=torch.cuda.is_available(),
+                          persistent_workers=self.workers > 0, drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = None
+        if self.balance == "sampler":
+            sampler = balanced_sampler(self.labels("train"), len(self.classes), self.seed)
+        return self._loader("train", shuffle=True, sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,77 @@
+"""Open any image file the way effitune sees it: decoded by content, EXIF-oriented, RGB.
+
+One place for this so that scanning, the resize cache, prediction and serving can never disagree
+about what an image looks like.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Extensions we try to decode. Anything else is skipped (and counted), never guessed at.
+IMAGE_EXTENSIONS = frozenset(
+    ".jpg .jpeg .jpe .jfif .png .bmp .gif .tif .tiff .webp .ppm .pgm .pbm .pnm .tga .ico".split()
+)
+EXIF_ORIENTATION_TAG = 0x0112
+
+
+def is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB: transparency is composited over white, 16-bit is rescaled."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # Pillow's own I->L conversion clips at 255: stretch the real range instead.
+        array = np.asarray(image, dtype=np.float64)
+        lo, hi = float(array.min()), float(array.max())
+        scaled = np.zeros_like(array) if hi <= lo else (array - lo) * (255.0 / (hi - lo))
+        return Image.fromarray(scaled.round().astype(np.uint8), "L").convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def load_rgb(source: str | Path | bytes, max_pixels: int | None = None) -> Image.Image:
+    """Decode fully, apply EXIF orientation (first frame of animations) and return RGB.
+
+    Raises the usual PIL/OS errors; callers turn them into user-facing reasons.
+    """
+    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+    with Image.open(stream) as image:
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise Image.DecompressionBombError(
+                f"{image.width}x{image.height} = {image.width * image.height} pixels exceeds the limit {max_pixels}"
+            )
+        image.seek(0)
+        image.load()
+        oriented = ImageOps.exif_transpose(image)
+        return to_rgb(oriented if oriented is not None else image).copy()
+
+
+def resize_center_crop(image: Image.Image, size: int, resample: int = Image.Resampling.BICUBIC) -> Image.Image:
+    """Resize the shorter side to `size`, then center-crop a size x size square.
+
+    This is effitune's one geometric preprocessing, stored in every bundle: the resize cache,
+    evaluation, prediction and serving all call it.
+    """
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    resized = image.resize((new_w, new_h), resample=resample, reducing_gap=3.0)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return resized.crop((left, top, left + size, top + size))
+
+
+def load_for_model(source: str | Path | bytes, size: int, max_pixels: int | None = None) -> np.ndarray:
+    """File -> uint8 array (size, size, 3), exactly what the model's preprocessing expects."""
+    return np.asarray(resize_center_crop(load_rgb(source, max_pixels=max_pixels), size), dtype=np.uint8)

@@ -1,0 +1,5 @@
+"""Errors that mean "the user can fix this": the CLI prints them without a traceback."""
+
+
+class UserError(Exception):
+    """A user mistake; the message names the file or value and the fix."""

@@ -1,0 +1,47 @@
+"""The deployable network: normalization + a timm backbone with a new head.
+
+Input is float32 RGB in [0, 1], NCHW, already resized to the bundle's size. Mean/std live here as
+buffers, so a bundle (and its ONNX export) cannot be fed inputs normalized the wrong way.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import backbones
+
+
+class Network(nn.Module):
+    def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.backbone = backbone
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def num_stages(self) -> int:
+        return backbones.num_stages(self.backbone)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255)
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.normalize(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled penultimate features (what the head sees)."""
+        return backbones.pooled_features(self.backbone, self.normalize(x))
+
+    def prefix(self, x: torch.Tensor, depth: int) -> torch.Tensor:
+        """Output of the layers that stay frozen when the last `depth` stages train."""
+        return backbones.prefix_forward(self.backbone, self.normalize(x), depth)
+
+    def tail(self, h: torch.Tensor, depth: int) -> torch.Tensor:
+        return backbones.tail_forward(self.backbone, h, depth)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """Dropout + the linear classifier, applied to pooled features (stage 1 trains only this)."""
+        features = nn.functional.dropout(features, p=getattr(self.backbone, "drop_rate", 0.0), training=self.training)
+        return self.backbone.get_classifier()(features)

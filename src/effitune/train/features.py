@@ -1,0 +1,95 @@
+"""Frozen-prefix caching: run the frozen layers once per image, train only the tail.
+
+Layers that are frozen during a phase compute the same output every epoch, so that output is computed
+once per (image, augmented view) and stored as float16 in memory-mapped `.npy` files on disk (RAM
+use stays bounded by the batch). Stage 1 then trains the head on pooled features and stage 2 trains
+the last stages on the activations entering them: exact, because nothing before the cut ever
+receives a gradient and BatchNorm there runs in inference mode.
+
+All boundaries needed by a run are captured in one forward pass per view: the prefix of a deeper
+phase is a prefix of a shallower phase's prefix, and every prefix keeps its pretrained weights.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.datamodule import ImageDataset
+from ..models import backbones
+from ..models.network import Network
+
+POOLED = "pooled"
+
+
+def boundary_name(depth: int | None) -> str:
+    return POOLED if depth is None else f"depth{depth}"
+
+
+@torch.inference_mode()
+def _capture(network: Network, images: torch.Tensor, depths: list[int]) -> dict[str, torch.Tensor]:
+    backbone = network.backbone
+    stages = backbones.num_stages(backbone)
+    h = backbones.stem_forward(backbone, network.normalize(images))
+    out: dict[str, torch.Tensor] = {}
+    for i in range(stages):
+        if stages - i in depths:
+            out[boundary_name(stages - i)] = h
+        h = backbone.blocks[i](h)
+    out[POOLED] = backbones.tail_forward(backbone, h, 0, pre_logits=True)
+    return out
+
+
+def compute_activations(network: Network, dataset: ImageDataset, depths: list[int], folder: Path,
+                        views: int = 1, batch_size: int = 128, device: str = "cpu",
+                        workers: int = 0, progress=None) -> dict[str, np.ndarray]:
+    """Write `<folder>/<boundary>.npy` (views, N, ...) float16 for pooled features and each depth.
+
+    View 0 is the image as evaluated; views 1.. apply `dataset.transform` (the augmentation recipe).
+    Reuses a complete earlier result with the same signature (resume, repeated runs).
+    """
+    folder = Path(folder)
+    names = [POOLED] + [boundary_name(d) for d in depths]
+    signature = {"n": len(dataset), "views": views, "depths": sorted(depths), "size": dataset.cache.size}
+    meta_path = folder / "activations.json"
+    if meta_path.is_file() and json.loads(meta_path.read_text()) == signature:
+        return {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in names}
+    folder.mkdir(parents=True, exist_ok=True)
+    meta_path.unlink(missing_ok=True)
+    network = network.to(device).eval().to(memory_format=torch.channels_last)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    arrays: dict[str, np.ndarray] = {}
+    temporaries: dict[str, Path] = {}
+    augment = dataset.transform
+    total, done = views * len(dataset), 0
+    for view in range(views):
+        dataset.transform = augment if view > 0 else None
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+        start = 0
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(1000 + view)  # each view's augmentation is reproducible
+        for images, _ in loader:
+            images = images.to(device).contiguous(memory_format=torch.channels_last)
+            with autocast:
+                captured = _capture(network, images, depths)
+            for name, tensor in captured.items():
+                if name not in arrays:
+                    temporaries[name] = folder / f"{name}.{uuid.uuid4().hex[:8]}.tmp.npy"
+                    arrays[name] = np.lib.format.open_memmap(
+                        temporaries[name], mode="w+", dtype=np.float16, shape=(views, len(dataset), *tensor.shape[1:]))
+                arrays[name][view, start:start + len(images)] = tensor.float().cpu().numpy()
+            start += len(images)
+            done += len(images)
+            if progress is not None:
+                progress(done, total)
+        torch.random.set_rng_state(generator_state)
+    dataset.transform = augment
+    for name, array in arrays.items():
+        array.flush()
+        temporaries[name].replace(folder / f"{name}.npy")
+    meta_path.write_text(json.dumps(signature))
+    return {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in names}

@@ -1,0 +1,89 @@
+"""The LightningModule for one phase: cross-entropy, AdamW, warmup + cosine, frozen BatchNorm.
+
+What the phase sees as input depends on the feature cache: pooled features (stage 1, head only),
+frozen-prefix activations (stage 2, the trainable tail only) or images (the full network, uncached).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch import nn
+
+from ..models.network import Network
+from .stages import Phase, freeze_for, set_train_mode
+
+INPUTS = ("features", "prefix", "images")
+
+
+@dataclass
+class Optimization:
+    lr: float
+    weight_decay: float
+    epochs: int
+    steps_per_epoch: int
+    warmup_epochs: float = 0.5
+    label_smoothing: float = 0.1
+
+
+class PhaseModule(L.LightningModule):
+    def __init__(self, network: Network, phase: Phase, inputs: str, optimization: Optimization,
+                 train_bn: bool = False, class_weights: torch.Tensor | None = None):
+        super().__init__()
+        if inputs not in INPUTS:
+            raise ValueError(f"inputs must be one of {INPUTS}")
+        self.network, self.phase, self.inputs = network, phase, inputs
+        self.optimization, self.train_bn = optimization, train_bn
+        self.loss = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=optimization.label_smoothing)
+        freeze_for(network, phase, train_bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inputs == "features":
+            return self.network.head(x.float())
+        if self.inputs == "prefix":
+            return self.network.tail(x.float(), self.phase.depth)  # cached as float16
+        return self.network(x)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            set_train_mode(self.network, self.phase, self.train_bn)
+        return self
+
+    def _step(self, batch, split: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.loss(logits, y)
+        accuracy = (logits.argmax(1) == y).float().mean()
+        on_step = split == "train"
+        self.log(f"{split}_loss", loss, on_step=False, on_epoch=True, prog_bar=not on_step, batch_size=len(y))
+        self.log(f"{split}_acc", accuracy, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def configure_optimizers(self):
+        o = self.optimization
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]  # biases: no weight decay, as usual
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=o.lr)
+        total = max(1, o.epochs * o.steps_per_epoch)
+        warmup = min(total - 1, int(o.warmup_epochs * o.steps_per_epoch))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.01) -> float:
+    """Linear warmup to 1, then cosine down to `floor` (lr/100 by default)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -1,0 +1,314 @@
+"""`effitune train`: scan -> split -> cache -> stage 1 -> stage 2 (auto depth) -> test -> bundle.
+
+Readable top to bottom: `train()` lists the steps; each step is a small function below it. A run
+lives in its own folder (config.yaml, manifest.csv, history.csv, state.json, model/), and
+`train(resume=RUN_DIR)` continues an interrupted run from its last finished phase and last checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from rich.console import Console
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+from .. import bundle as bundles
+from ..config import Config, StageConfig, config_from_dict, load_config, save_config
+from ..data.cache import ImageCache
+from ..data.datamodule import ActivationDataset, ImageDataModule, class_weights
+from ..data.split import manifest_hash, read_manifest, split_counts, split_records, write_manifest
+from ..errors import UserError
+from ..models.backbones import create_backbone
+from ..models.network import Network
+from .callbacks import CycleCachedViews, HistoryWriter
+from .features import POOLED, boundary_name, compute_activations
+from .module import Optimization, PhaseModule
+from .stages import Phase, resolve_depths
+
+console = Console(stderr=True)
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    def __post_init__(self):
+        self.root = Path(self.root)
+
+    config = property(lambda self: self.root / "config.yaml")
+    manifest = property(lambda self: self.root / "manifest.csv")
+    history = property(lambda self: self.root / "history.csv")
+    state = property(lambda self: self.root / "state.json")
+    phases = property(lambda self: self.root / "phases")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    features = property(lambda self: self.root / "features")
+    model = property(lambda self: self.root / "model")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    bundle: Path
+    metrics: dict
+    phases: list[dict] = field(default_factory=list)
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("EFFITUNE_CACHE", Path.home() / ".cache" / "effitune"))
+
+
+def train(data: str | Path | None = None, *, out: str | Path = "runs/run", config: Config | None = None,
+          manifest: str | Path | None = None, resume: str | Path | None = None,
+          cache_root: str | Path | None = None, progress: bool = True) -> TrainResult:
+    started = time.perf_counter()
+    paths, config, rows = _open_run(data, out, config, manifest, resume)
+    classes = sorted({row["label"] for row in rows})
+    network, weight_source = _build_network(config, len(classes))
+    config.data.image_size = config.data.image_size or choose_image_size(rows, network)
+    _fill_epochs(config, sum(row["split"] == "train" for row in rows))
+    save_config(config, paths.config)
+    cache = ImageCache(cache_root or default_cache_root() / "images", config.data.image_size)
+    console.print(f"[bold]effitune[/] {len(rows)} images, {len(classes)} classes, {config.model.backbone} "
+                  f"@ {config.data.image_size}px, weights: {weight_source}")
+    keys = _cache_images(cache, rows, config)
+    datamodule = ImageDataModule(rows, keys, classes, cache, batch_size=config.train.batch_size,
+                                 augment=config.data.augment, balance=config.data.balance,
+                                 workers=config.data.workers, seed=config.data.seed)
+    phase_log = _train_phases(network, datamodule, config, paths, started)
+    metrics = _evaluate_and_bundle(network, datamodule, config, paths, classes, weight_source, phase_log,
+                                   started)
+    return TrainResult(paths.root, paths.model, metrics, phase_log)
+
+
+# --- opening a run ------------------------------------------------------------------------------
+
+def _open_run(data, out, config, manifest, resume) -> tuple[RunPaths, Config, list[dict]]:
+    if resume is not None:
+        paths = RunPaths(resume)
+        if not paths.config.is_file() or not paths.manifest.is_file():
+            raise UserError(f"{paths.root} is not an effitune run folder to resume (no config.yaml/manifest.csv).")
+        return paths, load_config(paths.config), read_manifest(paths.manifest)
+    paths = RunPaths(out)
+    if paths.state.is_file():
+        raise UserError(f"{paths.root} already holds a run. Continue it with `--resume {paths.root}` or pass "
+                        "another --out folder.")
+    paths.root.mkdir(parents=True, exist_ok=True)
+    config = config or Config()
+    rows = read_manifest(manifest) if manifest else _scan_and_split(data, paths, config)
+    write_manifest(rows, paths.manifest)
+    return paths, config, rows
+
+
+def _scan_and_split(data, paths: RunPaths, config: Config) -> list[dict]:
+    from ..data.audit import duplicate_groups
+    from ..data.scan import load_ok_records, scan
+
+    if data is None:
+        raise UserError("Nothing to train on: pass a DATA folder (one subfolder per class), a CSV, or --manifest.")
+    result = scan(data, out=paths.root, config=config.data, workers=config.data.workers)
+    records = load_ok_records(result.records_path)
+    groups = duplicate_groups(records, config.data.near_duplicate_distance)
+    return split_records(records, val=config.data.val, test=config.data.test, seed=config.data.seed, groups=groups)
+
+
+def choose_image_size(rows: list[dict], network: Network) -> int:
+    """The backbone's native size for photos; for small images, ~3x their size (multiple of 32, >= 96)."""
+    native = int(network.backbone.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    short_side = statistics.median(min(row["width"], row["height"]) for row in rows)
+    if short_side >= native:
+        return native
+    return int(min(native, max(96, math.ceil(3 * short_side / 32) * 32)))
+
+
+def _fill_epochs(config: Config, n_train: int) -> None:
+    """Small data sets need more passes; early stopping ends a phase sooner when it plateaus."""
+    default = 20 if n_train < 1_000 else 12 if n_train < 20_000 else 8
+    for stage in (config.train.stage1, config.train.stage2):
+        stage.epochs = stage.epochs or default
+    config.train.stage2.lr = config.train.stage2.lr or config.train.stage1.lr * config.train.lr_factor
+
+
+def _build_network(config: Config, num_classes: int) -> tuple[Network, str]:
+    torch.manual_seed(config.train.seed)
+    backbone, source = create_backbone(config.model.backbone, num_classes, weights=config.model.weights,
+                                       drop_rate=config.model.dropout)
+    cfg = backbone.pretrained_cfg
+    return Network(backbone, tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+                   tuple(cfg.get("std", (0.229, 0.224, 0.225)))), source
+
+
+def _cache_images(cache: ImageCache, rows: list[dict], config: Config) -> list[str]:
+    console.print(f"resize-once cache: {cache.folder}")
+    return cache.build([row["path"] for row in rows], [row["sha1"] for row in rows], workers=config.data.workers)
+
+
+# --- the phases ---------------------------------------------------------------------------------
+
+def _device(config: Config) -> str:
+    if config.train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def _train_phases(network: Network, datamodule: ImageDataModule, config: Config, paths: RunPaths,
+                  started: float) -> list[dict]:
+    state = _read_state(paths)
+    depths = resolve_depths(config.train.unfreeze, config.train.max_unfreeze, network.num_stages)
+    phases = [Phase(None)] + [Phase(d) for d in depths]
+    inputs = _cached_inputs(network, datamodule, config, paths, depths) if config.train.feature_cache else {}
+    for phase in phases:
+        if phase.name in state["done"]:
+            continue
+        if state["best"]:
+            network.load_state_dict(load_file(paths.phases / f"{state['best']}.safetensors"))
+        if _should_stop_deeper(phase, state, config, started):
+            break
+        result = _fit_phase(network, phase, datamodule, inputs, config, paths)
+        save_file({k: v.contiguous() for k, v in network.state_dict().items()},
+                  paths.phases / f"{phase.name}.safetensors")
+        state["done"][phase.name] = result
+        if state["best"] is None or result["val_acc"] > state["done"][state["best"]]["val_acc"]:
+            state["best"] = phase.name
+        _write_state(paths, state)
+        console.print(f"{phase.name}: val accuracy {result['val_acc']:.4f} ({result['epochs']} epochs, "
+                      f"{result['seconds']:.0f} s)")
+    network.load_state_dict(load_file(paths.phases / f"{state['best']}.safetensors"))
+    return [{"phase": name, **info, "best": name == state["best"]} for name, info in state["done"].items()]
+
+
+def _should_stop_deeper(phase: Phase, state: dict, config: Config, started: float) -> bool:
+    """Under `unfreeze auto`, go one stage deeper only while the last step improved val accuracy."""
+    if str(config.train.unfreeze) != "auto" or phase.depth is None or phase.depth <= 1:
+        return False
+    previous = state["done"].get(Phase(phase.depth - 1).name)
+    if previous is None or state["best"] != Phase(phase.depth - 1).name:
+        console.print(f"auto unfreeze: depth {phase.depth - 1} did not improve validation accuracy; stopping.")
+        return True
+    budget = config.train.time_budget_min
+    if budget is not None and (time.perf_counter() - started) / 60 > budget:
+        console.print(f"auto unfreeze: time budget of {budget} min spent; stopping at depth {phase.depth - 1}.")
+        return True
+    return False
+
+
+def _cached_inputs(network, datamodule, config, paths, depths) -> dict:
+    """Frozen-prefix activations for train (augmented views) and val, for every boundary needed."""
+    cut_depths = [d for d in depths if 0 < d < network.num_stages]
+    device = _device(config)
+    console.print(f"caching frozen-prefix activations ({config.train.cache_views} views) on {device}...")
+    began = time.perf_counter()
+    train = compute_activations(network, datamodule.dataset("train"), cut_depths, paths.features / "train",
+                                views=config.train.cache_views, device=device, workers=datamodule.workers)
+    val = compute_activations(network, datamodule.dataset("val"), cut_depths, paths.features / "val",
+                              views=1, device=device, workers=datamodule.workers)
+    network.to("cpu")
+    console.print(f"cached in {time.perf_counter() - began:.0f} s")
+    return {"train": train, "val": val}
+
+
+def _loaders(phase: Phase, datamodule: ImageDataModule, inputs: dict, config: Config):
+    name = POOLED if phase.depth is None else boundary_name(phase.depth)
+    if inputs and name in inputs["train"]:
+        train_set = ActivationDataset(inputs["train"][name], datamodule.labels("train"))
+        val_set = ActivationDataset(inputs["val"][name], datamodule.labels("val"))
+        batch = config.train.batch_size
+        loaders = (DataLoader(train_set, batch_size=batch, shuffle=True),
+                   DataLoader(val_set, batch_size=batch * 2, shuffle=False))
+        return loaders, ("features" if phase.depth is None else "prefix"), [CycleCachedViews(train_set)]
+    return (datamodule.train_dataloader(), datamodule.val_dataloader()), "images", []
+
+
+def _fit_phase(network, phase: Phase, datamodule, inputs, config: Config, paths: RunPaths) -> dict:
+    began = time.perf_counter()
+    (train_loader, val_loader), kind, extra_callbacks = _loaders(phase, datamodule, inputs, config)
+    stage: StageConfig = config.train.stage1 if phase.stage == 1 else config.train.stage2
+    weights = class_weights(datamodule.labels("train"), len(datamodule.classes)) \
+        if config.data.balance == "weights" else None
+    optimization = Optimization(lr=stage.lr, weight_decay=stage.weight_decay, epochs=stage.epochs,
+                                steps_per_epoch=len(train_loader), warmup_epochs=stage.warmup_epochs,
+                                label_smoothing=config.train.label_smoothing)
+    module = PhaseModule(network, phase, kind, optimization, train_bn=config.train.train_bn, class_weights=weights)
+    checkpoint_dir = paths.checkpoints / phase.name
+    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val_acc", mode="max",
+                                 save_top_k=1, save_last=True)
+    callbacks = [checkpoint, EarlyStopping("val_acc", mode="max", patience=stage.patience),
+                 HistoryWriter(paths.history, phase.name, phase.stage), *extra_callbacks]
+    trainer = L.Trainer(max_epochs=stage.epochs, accelerator=config.train.accelerator,
+                        devices=_devices(config.train.devices), precision=_precision(config),
+                        callbacks=callbacks, logger=CSVLogger(paths.root, name="logs", version=phase.name),
+                        num_sanity_val_steps=0, enable_model_summary=False, log_every_n_steps=10,
+                        default_root_dir=paths.root)
+    last = checkpoint_dir / "last.ckpt"
+    trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if last.is_file() else None)
+    best = torch.load(checkpoint.best_model_path or last, map_location="cpu", weights_only=True)
+    module.load_state_dict(best["state_dict"])
+    network.to("cpu")
+    return {"val_acc": float(checkpoint.best_model_score or 0.0), "epochs": trainer.current_epoch,
+            "seconds": round(time.perf_counter() - began, 1), "inputs": kind,
+            "trainable_params": sum(p.numel() for p in network.parameters() if p.requires_grad)}
+
+
+def _precision(config: Config) -> str:
+    if config.train.precision != "auto":
+        return config.train.precision
+    return "bf16-mixed" if _device(config) == "cuda" else "32-true"
+
+
+def _devices(devices: str):
+    return int(devices) if str(devices).isdigit() else devices
+
+
+def _read_state(paths: RunPaths) -> dict:
+    if paths.state.is_file():
+        return json.loads(paths.state.read_text())
+    paths.phases.mkdir(parents=True, exist_ok=True)
+    return {"done": {}, "best": None}
+
+
+def _write_state(paths: RunPaths, state: dict) -> None:
+    temporary = paths.root / f".state.{uuid.uuid4().hex[:8]}.tmp"
+    temporary.write_text(json.dumps(state, indent=2))
+    temporary.replace(paths.state)
+
+
+# --- test split and bundle ----------------------------------------------------------------------
+
+def _evaluate_and_bundle(network, datamodule, config, paths, classes, weight_source, phase_log, started) -> dict:
+    from ..evaluate.metrics import classification_metrics
+    from ..predict import Predictor
+
+    meta = {
+        "classes": classes, "backbone": config.model.backbone, "weight_source": weight_source,
+        "preprocessing": {"size": config.data.image_size, "mean": network.mean.flatten().tolist(),
+                          "std": network.std.flatten().tolist(), "interpolation": "bicubic",
+                          "resize": "shorter side to size, then center crop size x size",
+                          "input": "float32 RGB in [0, 1], NCHW (normalization is inside the model)"},
+        "config": config.to_dict(), "manifest_sha1": manifest_hash(paths.manifest),
+        "split_counts": split_counts(read_manifest(paths.manifest)), "phases": phase_log,
+    }
+    bundles.save_bundle(paths.model, network.state_dict(), meta, extra_files={"history.csv": paths.history})
+    predictor = Predictor(paths.model)
+    keys, labels = datamodule.parts["test"]
+    metrics = {}
+    if len(keys):
+        probabilities = predictor.probabilities(datamodule.cache.stack(keys))
+        metrics = classification_metrics(probabilities, labels, classes)
+    metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
+    bundles.update_meta(paths.model, metrics={k: v for k, v in metrics.items() if k != "confusion"})
+    (paths.model / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (paths.root / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    console.print(f"[bold green]test accuracy {metrics.get('accuracy', float('nan')):.4f}[/] on "
+                  f"{len(keys)} held-out images; bundle: {paths.model}")
+    return metrics

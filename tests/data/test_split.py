@@ -1,0 +1,75 @@
+import pytest
+
+from effitune.data.split import min_images_per_class, read_manifest, split_records, write_manifest
+from effitune.errors import UserError
+
+
+def records(per_class: dict[str, int]):
+    out = []
+    for label, n in per_class.items():
+        for i in range(n):
+            out.append({"path": f"/d/{label}/{i:04d}.png", "label": label, "sha1": f"{label}{i}",
+                        "width": 32, "height": 32})
+    return out
+
+
+def test_stratified_fractions_and_determinism(tmp_path):
+    recs = records({"a": 100, "b": 60, "c": 40})
+    first = split_records(recs, val=0.15, test=0.15, seed=3)
+    again = split_records(list(reversed(recs)), val=0.15, test=0.15, seed=3)
+    key = lambda rows: sorted((r["path"], r["split"]) for r in rows)  # noqa: E731
+    assert key(first) == key(again)  # same input + seed -> same split, whatever the order
+    assert key(first) != key(split_records(recs, val=0.15, test=0.15, seed=4))
+    for label, n in {"a": 100, "b": 60, "c": 40}.items():
+        tests = sum(r["split"] == "test" and r["label"] == label for r in first)
+        assert abs(tests - 0.15 * n) <= 1.5
+    a = write_manifest(first, tmp_path / "m1.csv").read_bytes()
+    b = write_manifest(again, tmp_path / "m2.csv").read_bytes()
+    assert a == b  # the manifest file itself is identical
+
+
+def test_duplicate_groups_stay_together():
+    recs = records({"a": 40, "b": 40})
+    groups = [[0, 1, 2], [40, 41], [5, 45]]  # [5, 45]: the same image in two classes
+    for seed in range(5):
+        rows = split_records(recs, val=0.2, test=0.2, seed=seed, groups=groups)
+        for group in groups:
+            assert len({rows[i]["split"] for i in group}) == 1
+
+
+def test_existing_layout_respected_and_val_carved_from_train():
+    recs = records({"a": 30, "b": 30})
+    for i, r in enumerate(recs):
+        r["split"] = "test" if i % 5 == 0 else "train"
+    rows = split_records(recs, val=0.2, test=0.15, seed=0)
+    assert [r["split"] == "test" for r in rows] == [r["split"] == "test" for r in recs]
+    assert sum(r["split"] == "val" for r in rows) > 0
+
+
+def test_small_class_error_says_how_many():
+    needed = min_images_per_class(0.15, 0.15)
+    assert needed == 7
+    with pytest.raises(UserError, match=r"'tiny' has 3.*at least 7"):
+        split_records(records({"big": 50, "tiny": 3}), val=0.15, test=0.15)
+
+
+def test_single_class_error():
+    with pytest.raises(UserError, match="one class"):
+        split_records(records({"only": 50}))
+
+
+def test_manifest_round_trip_with_odd_names(tmp_path):
+    recs = records({"a": 10, "b": 10})
+    recs[0]["path"] = "/d/a/caf\udce9.png"  # non-UTF-8 byte kept as a surrogate escape
+    rows = split_records(recs, val=0.2, test=0.2)
+    path = write_manifest(rows, tmp_path / "manifest.csv")
+    back = read_manifest(path)
+    assert sorted(r["path"] for r in back) == sorted(r["path"] for r in rows)
+    assert all(isinstance(r["width"], int) for r in back)
+
+
+def test_not_a_manifest(tmp_path):
+    bad = tmp_path / "x.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(UserError, match="missing columns"):
+        read_manifest(bad)

@@ -1,0 +1,39 @@
+import pytest
+
+from effitune.config import Config, ConfigError, load_config
+
+
+def test_defaults_file_then_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  batch_size: 16\n  stage1:\n    lr: 0.01\ndata:\n  augment: light\n")
+    config = load_config(path, {"train.batch_size": 8, "data.seed": None})
+    assert config.train.batch_size == 8  # flag beats file
+    assert config.train.stage1.lr == 0.01  # file beats default
+    assert config.data.augment == "light"
+    assert config.data.seed == Config().data.seed  # None flag = not given
+
+
+def test_unknown_key_suggests(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  batch_sise: 16\n")
+    with pytest.raises(ConfigError, match="Did you mean 'batch_size'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"data.val": 0.6, "data.test": 0.5}, "sum below 1"),
+    ({"data.augment": "heavy"}, "not a recipe"),
+    ({"train.unfreeze": "some"}, "must be auto"),
+])
+def test_invalid_values_rejected(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(overrides=overrides)
+
+
+def test_missing_and_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
