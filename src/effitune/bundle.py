@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
@@ -105,5 +105,5 @@ def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path} is missing: the bundle is incomplete. Copy it again or re-train.")
     try:
         return load_file(path)
-    except (SafetensorsError, OSError, ValueError) as error:
+    except (SafetensorError, OSError, ValueError) as error:
         raise UserError(f"{path} is corrupted ({error}). Copy the bundle again or re-train.") from None
