@@ -63,7 +63,7 @@ def image_tree(tmp_path: Path) -> Path:
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 
 
-def make_colour_dataset(root: str | Path, per_class: int = 14, size: tuple[int, int] = (48, 40)) -> Path:
+def make_colour_dataset(root: str | Path, per_class: int = 20, size: tuple[int, int] = (48, 40)) -> Path:
     """A tiny *learnable* tree: red/green/blue-tinted images with distinct structure (no near duplicates)."""
     root = Path(root)
     for class_index, (label, colour) in enumerate(COLOURS.items()):
@@ -71,7 +71,7 @@ def make_colour_dataset(root: str | Path, per_class: int = 14, size: tuple[int, 
         folder.mkdir(parents=True, exist_ok=True)
         for index in range(per_class):
             base = np.asarray(random_image(7919 * class_index + index, size), dtype=np.float32)
-            tinted = 0.5 * base + 0.5 * np.array(colour, dtype=np.float32)
+            tinted = 0.3 * base + 0.7 * np.array(colour, dtype=np.float32)
             Image.fromarray(tinted.astype(np.uint8)).save(folder / f"{label}_{index:03d}.png")
     return root
 

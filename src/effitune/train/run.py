@@ -18,7 +18,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from rich.console import Console
 from safetensors.torch import load_file, save_file
@@ -244,7 +244,8 @@ def _fit_phase(network, phase: Phase, datamodule, inputs, config: Config, paths:
     checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val_acc", mode="max",
                                  save_top_k=1, save_last=True)
     callbacks = [checkpoint, EarlyStopping("val_acc", mode="max", patience=stage.patience),
-                 HistoryWriter(paths.history, phase.name, phase.stage), *extra_callbacks]
+                 HistoryWriter(paths.history, phase.name, phase.stage), *extra_callbacks,
+                 RichProgressBar(console_kwargs={"stderr": True})]  # stdout stays clean for --json
     trainer = L.Trainer(max_epochs=stage.epochs, accelerator=config.train.accelerator,
                         devices=_devices(config.train.devices), precision=_precision(config),
                         callbacks=callbacks, logger=CSVLogger(paths.root, name="logs", version=phase.name),

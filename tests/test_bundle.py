@@ -1,0 +1,68 @@
+"""Bundle round trip and the errors a damaged or foreign bundle gives."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from effitune import bundle as bundles
+from effitune.errors import UserError
+from effitune.models.backbones import create_backbone
+from effitune.models.network import Network
+from effitune.predict import Predictor
+
+
+def save_random_bundle(folder, classes=("a", "b", "c"), size=32):
+    torch.manual_seed(0)
+    backbone, _ = create_backbone("tf_efficientnet_lite0", len(classes), pretrained=False)
+    network = Network(backbone, (0.5,) * 3, (0.5,) * 3).eval()
+    meta = {"classes": list(classes), "backbone": "tf_efficientnet_lite0",
+            "preprocessing": {"size": size, "mean": [0.5] * 3, "std": [0.5] * 3}}
+    bundles.save_bundle(folder, network.state_dict(), meta)
+    return network
+
+
+def test_round_trip_same_logits(tmp_path):
+    network = save_random_bundle(tmp_path / "model")
+    predictor = Predictor(tmp_path / "model")
+    images = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        expected = network(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(predictor.logits(images), expected, rtol=1e-5, atol=1e-5)
+    assert not list(tmp_path.glob(".model*"))  # no staging folders left behind
+
+
+def test_saving_over_an_existing_bundle_is_atomic(tmp_path):
+    save_random_bundle(tmp_path / "model")
+    save_random_bundle(tmp_path / "model", classes=("x", "y"))
+    assert Predictor(tmp_path / "model").classes == ["x", "y"]
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(UserError, match="not an effitune model bundle"):
+        Predictor(tmp_path)
+
+
+def test_corrupted_weights(tmp_path):
+    save_random_bundle(tmp_path / "model")
+    weights = tmp_path / "model" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(UserError, match="corrupted"):
+        Predictor(tmp_path / "model")
+
+
+def test_class_count_mismatch(tmp_path):
+    save_random_bundle(tmp_path / "model")
+    meta_path = tmp_path / "model" / "effitune.json"
+    meta = json.loads(meta_path.read_text())
+    meta["classes"] = ["a", "b", "c", "d"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="do not fit .* 4 classes"):
+        Predictor(tmp_path / "model")
+
+
+def test_newer_format_refused(tmp_path):
+    save_random_bundle(tmp_path / "model")
+    bundles.update_meta(tmp_path / "model", format_version=99)
+    with pytest.raises(UserError, match="Upgrade effitune"):
+        Predictor(tmp_path / "model")

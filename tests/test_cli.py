@@ -1,0 +1,111 @@
+"""The CLI end to end through the real entry point, on a tiny generated dataset."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from effitune.cli import app
+
+runner = CliRunner()
+FAST = ["--epochs", "8", "--image-size", "64", "--unfreeze", "1", "--batch-size", "16"]
+
+
+def effitune(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "effitune.cli", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset_module, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    result = effitune("train", tiny_dataset_module, "--out", out, *FAST, "--json",
+                      env={"EFFITUNE_CACHE": str(out.parent / "cache")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, json.loads(result.stdout)
+
+
+def test_train_writes_a_bundle_and_learns(trained):
+    out, summary = trained
+    bundle = out / "model"
+    assert (bundle / "weights.safetensors").is_file() and (bundle / "effitune.json").is_file()
+    meta = json.loads((bundle / "effitune.json").read_text())
+    assert meta["classes"] == ["blue", "green", "red"]
+    assert meta["preprocessing"]["size"] == 64
+    assert {p["phase"] for p in meta["phases"]} == {"stage1", "stage2-depth1"}
+    # colour-tinted classes: a working pipeline is far above chance (1/3) on the 9 held-out images
+    assert summary["metrics"]["accuracy"] >= 0.75
+    history = (out / "history.csv").read_text().splitlines()
+    assert history[0].startswith("phase,stage,epoch,lr")
+    assert len(history) > 2
+
+
+def test_predict_json_lines_and_bad_file(trained, tiny_dataset_module, tmp_path):
+    out, _ = trained
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"no image here")
+    red = next((Path(tiny_dataset_module) / "red").iterdir())
+    result = effitune("predict", out / "model", red, broken, "--json", "--top-k", "2")
+    assert result.returncode == 1  # one failure -> non-zero, but the good file was still answered
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert lines[0]["path"] == str(red) and lines[0]["label"] == "red"
+    assert len(lines[0]["top_k"]) == 2 and set(lines[0]["top_k"][0]) == {"label", "probability"}
+    assert lines[1]["path"] == str(broken) and "error" in lines[1]
+
+
+def test_evaluate_manifest_json(trained):
+    out, summary = trained
+    result = runner.invoke(app, ["evaluate", str(out / "model"), str(out / "manifest.csv"), "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["accuracy"] == pytest.approx(summary["metrics"]["accuracy"])
+    assert set(metrics["per_class"]) == {"blue", "green", "red"}
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["train", "{missing}"], "does not exist"),
+    (["predict", "{empty}", "x.png"], "not an effitune model bundle"),
+    (["train", "{data}", "--config", "{missing}"], "does not exist"),
+    (["train", "{data}", "--unfreeze", "lots"], "must be auto"),
+])
+def test_user_errors_are_one_clear_line(args, fragment, tmp_path, tiny_dataset_module):
+    values = {"missing": tmp_path / "nope", "empty": tmp_path, "data": tiny_dataset_module}
+    result = runner.invoke(app, [a.format(**values) for a in args] + ["--out", str(tmp_path / "o")]
+                           if args[0] == "train" else [a.format(**values) for a in args])
+    assert result.exit_code == 2
+    assert fragment in result.output
+    assert "Traceback" not in result.output
+
+
+def test_resume_after_kill(tiny_dataset_module, tmp_path):
+    """kill -9 in the middle of stage 2, then --resume finishes from the checkpoints."""
+    out = tmp_path / "run"
+    env = {**os.environ, "EFFITUNE_CACHE": str(tmp_path / "cache")}
+    args = [sys.executable, "-m", "effitune.cli", "train", str(tiny_dataset_module), "--out", str(out),
+            "--epochs", "30", "--image-size", "64", "--unfreeze", "1", "--batch-size", "16"]
+    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    last = out / "checkpoints" / "stage2-depth1" / "last.ckpt"
+    while not last.is_file() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert last.is_file(), "stage 2 never started"
+    state = json.loads((out / "state.json").read_text())
+    assert "stage1" in state["done"] and "stage2-depth1" not in state["done"]
+    assert not (out / "model" / "effitune.json").exists()
+    result = effitune("train", "--resume", out, env={"EFFITUNE_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((out / "state.json").read_text())
+    assert "stage2-depth1" in state["done"]
+    assert (out / "model" / "effitune.json").is_file()
+    # the resumed phase continued its epoch count instead of starting over
+    rows = [line.split(",") for line in (out / "history.csv").read_text().splitlines()[1:]]
+    epochs = [int(r[2]) for r in rows if r[0] == "stage2-depth1"]
+    assert epochs == sorted(epochs) and len(epochs) == len(set(epochs))

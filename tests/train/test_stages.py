@@ -1,0 +1,74 @@
+"""Which parameters learn in each phase, and that frozen BatchNorm statistics never move."""
+import pytest
+import torch
+
+from effitune.models.backbones import create_backbone, num_stages
+from effitune.models.network import Network
+from effitune.train.module import Optimization, PhaseModule
+from effitune.train.stages import BATCHNORM_TYPES, Phase, resolve_depths
+
+
+def make_network(name="tf_efficientnet_lite0", classes=3):
+    torch.manual_seed(0)
+    backbone, _ = create_backbone(name, classes, pretrained=False)
+    return Network(backbone, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def one_step(network, phase, train_bn=False):
+    module = PhaseModule(network, phase, "images", Optimization(lr=0.1, weight_decay=0.0, epochs=1,
+                                                                 steps_per_epoch=1), train_bn=train_bn)
+    module.train()
+    images = torch.rand(4, 3, 64, 64)
+    loss = module.loss(module(images), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    return {name for name, p in network.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+def bn_stats(network):
+    return {name: buf.clone() for name, buf in network.named_buffers() if "running" in name}
+
+
+@pytest.mark.parametrize("phase, allowed_prefixes", [
+    (Phase(None), ("backbone.classifier.",)),
+    (Phase(1), ("backbone.classifier.", "backbone.conv_head.", "backbone.blocks.6.")),
+    (Phase(2), ("backbone.classifier.", "backbone.conv_head.", "backbone.blocks.6.", "backbone.blocks.5.")),
+])
+def test_gradients_reach_only_the_phase_layers(phase, allowed_prefixes):
+    network = make_network()
+    before = bn_stats(network)
+    learned = one_step(network, phase)
+    assert learned, "nothing learned"
+    assert all(name.startswith(allowed_prefixes) for name in learned), sorted(learned)[:5]
+    # every allowed group really learns (the last stage's convolutions, the head)
+    for prefix in allowed_prefixes:
+        assert any(name.startswith(prefix) for name in learned), prefix
+    # BatchNorm: no gradient to its affine parameters, statistics unchanged by a training forward
+    bn_params = {f"{m}.{p}" for m, mod in network.named_modules() if isinstance(mod, BATCHNORM_TYPES)
+                 for p, _ in mod.named_parameters(recurse=False)}
+    assert not (learned & bn_params)
+    after = bn_stats(network)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_train_bn_lets_tail_statistics_move():
+    network = make_network()
+    before = bn_stats(network)
+    one_step(network, Phase(1), train_bn=True)
+    after = bn_stats(network)
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith(("backbone.blocks.6.", "backbone.bn2.")) for k in moved)
+
+
+def test_all_layers_phase():
+    network = make_network()
+    learned = one_step(network, Phase(-1))
+    assert any(name.startswith("backbone.conv_stem.") for name in learned)
+
+
+def test_resolve_depths():
+    stages = num_stages(make_network().backbone)
+    assert resolve_depths("auto", 3, stages) == [1, 2, 3]
+    assert resolve_depths("1", 3, stages) == [1]
+    assert resolve_depths(0, 3, stages) == []
+    assert resolve_depths("all", 3, stages) == [-1]
+    assert resolve_depths(99, 3, stages) == [-1]
