@@ -58,6 +58,13 @@ def save_bundle(folder: str | Path, state_dict: dict[str, torch.Tensor], meta: d
     return folder
 
 
+def replace_bundle(staging: str | Path, folder: str | Path) -> Path:
+    """Move a finished bundle folder into place in one rename (an old bundle there is replaced)."""
+    read_meta(staging)  # refuse to publish something that does not load
+    _swap_into_place(Path(staging), Path(folder))
+    return Path(folder)
+
+
 def _swap_into_place(staging: Path, folder: Path) -> None:
     if folder.exists():
         old = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.old"

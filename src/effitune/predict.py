@@ -44,6 +44,22 @@ def load_network(folder: str | Path, meta: dict | None = None) -> Network:
     return network.eval()
 
 
+class TorchEngine:
+    """Runs the bundle's network with PyTorch. Other engines (ONNX Runtime) offer the same `run`."""
+
+    name = "torch"
+
+    def __init__(self, network: Network, device: str = "cpu"):
+        self.network, self.device = network.to(device).eval(), device
+
+    @torch.inference_mode()
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (N, H, W, 3) -> (logits (N, classes), pooled features (N, D)), float32."""
+        batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2)
+        features = self.network.features(batch)
+        return self.network.head(features).float().cpu().numpy(), features.float().cpu().numpy()
+
+
 def expand_sources(sources: Iterable[str | Path]) -> Iterator[str]:
     """Files, folders (recursive, images only, sorted) and glob patterns, in the order given."""
     for source in sources:
@@ -77,7 +93,8 @@ class Predictor:
         self.size: int = int(self.meta["preprocessing"]["size"])
         self.temperature: float = float(self.meta.get("temperature") or 1.0)
         self.device = device
-        self.network = load_network(self.folder, self.meta).to(device)
+        self.network = load_network(self.folder, self.meta)
+        self.engine = TorchEngine(self.network, device)
 
     def __repr__(self) -> str:
         return f"Predictor({self.folder}, {self.meta['backbone']}, {len(self.classes)} classes, {self.size}px)"
@@ -86,14 +103,19 @@ class Predictor:
         """Any image file (or its bytes) -> uint8 HWC array at the bundle's size."""
         return load_for_model(source, self.size)
 
-    @torch.inference_mode()
-    def logits(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """uint8 images (N, size, size, 3) -> logits (N, classes)."""
-        outputs = []
+    def run(self, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 images (N, size, size, 3) -> (logits, pooled features), in batches."""
+        logits, features = [], []
         for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(self.device)
-            outputs.append(self.network(batch.permute(0, 3, 1, 2)).float().cpu().numpy())
-        return np.concatenate(outputs) if outputs else np.zeros((0, len(self.classes)), np.float32)
+            batch_logits, batch_features = self.engine.run(images[start:start + batch_size])
+            logits.append(batch_logits)
+            features.append(batch_features)
+        if not logits:
+            return np.zeros((0, len(self.classes)), np.float32), np.zeros((0, 0), np.float32)
+        return np.concatenate(logits), np.concatenate(features)
+
+    def logits(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        return self.run(images, batch_size)[0]
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         return softmax(self.logits(images), self.temperature)

@@ -165,3 +165,14 @@ def test_many_images_stay_fast(tmp_path):
     records.append({"sha1": "x", "phash": records[7]["phash"]})
     assert duplicate_groups(records, 4) == [[7, 20_000]]
 
+
+
+def test_phash_match_needs_dhash_confirmation():
+    """Same layout (equal phash) but different content (dhash far apart) is not a duplicate."""
+    base = {"label": "a", "split": None, "status": "ok", "width": 28, "height": 28}
+    records = [
+        {**base, "path": "/x/1.png", "sha1": "1", "phash": "ffff0000ffff0000", "dhash": "0000000000000000"},
+        {**base, "path": "/x/2.png", "sha1": "2", "phash": "ffff0000ffff0000", "dhash": "ffffffffffffffff"},
+        {**base, "path": "/x/3.png", "sha1": "3", "phash": "ffff0000ffff0001", "dhash": "0000000000000001"},
+    ]
+    assert duplicate_groups(records, 4) == [[0, 2]]

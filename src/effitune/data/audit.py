@@ -98,22 +98,32 @@ class _UnionFind:
 
 
 def _link_near(records: Sequence[dict], distance: int, links: _UnionFind) -> dict[int, int]:
-    """Union records whose phashes are within `distance`; return {root: largest hamming seen}."""
+    """Union records whose phashes are within `distance`; return {root: largest hamming seen}.
+
+    A phash match is confirmed by the dhash (also within `distance`) where records carry one: on
+    small or plain images (icons, 28-px scans, studio shots on white) phash alone matches images
+    that merely share a layout, and chains of such matches would glue hundreds of distinct images
+    into one "duplicate" group.
+    """
     hashed = [i for i, record in enumerate(records) if record.get("phash")]
     values = np.array([int(records[i]["phash"], 16) for i in hashed], dtype=np.uint64)
-    unique, first_of, inverse = np.unique(values, return_index=True, return_inverse=True)
-    for position, index in enumerate(hashed):  # identical hashes: distance 0
-        links.union(hashed[first_of[inverse[position]]], index)
     joined = []
-    for i, j, hamming in near_duplicate_pairs(unique, distance):
-        a, b = hashed[first_of[i]], hashed[first_of[j]]
-        links.union(a, b)
-        joined.append((a, hamming))
+    for i, j, hamming in near_duplicate_pairs(values, distance):
+        a, b = hashed[i], hashed[j]
+        if _dhash_agrees(records[a], records[b], distance):
+            links.union(a, b)
+            joined.append((a, hamming))
     widest: dict[int, int] = {}
     for index, hamming in joined:
         root = links.find(index)
         widest[root] = max(widest.get(root, 0), hamming)
     return widest
+
+
+def _dhash_agrees(first: dict, second: dict, distance: int) -> bool:
+    if not (first.get("dhash") and second.get("dhash")):
+        return True
+    return bin(int(first["dhash"], 16) ^ int(second["dhash"], 16)).count("1") <= distance
 
 
 def _link_exact(records: Sequence[dict], links: _UnionFind) -> None:

@@ -60,7 +60,8 @@ def check_file(task: Task, *, max_pixels: int, min_side: int) -> dict[str, Any]:
     record: dict[str, Any] = {
         "path": path, "label": label, "split": split, "status": "ok", "reason": None, "detail": None,
         "width": None, "height": None, "mode": None, "format": None, "orientation": None, "frames": None,
-        "bytes": None, "sha1": None, "phash": None, "mean_rgb": None, "notes": [],
+        "bytes": None, "sha1": None, "phash": None, "dhash": None, "mean_rgb": None,
+        "notes": [],
     }
     try:
         record["bytes"], record["sha1"] = _size_and_sha1(path)
@@ -87,6 +88,7 @@ def check_file(task: Task, *, max_pixels: int, min_side: int) -> dict[str, Any]:
             return _reject(record, "truncated or corrupt", f"{type(error).__name__}: {error}")
     record["width"], record["height"] = image.size
     record["phash"] = str(imagehash.phash(image))
+    record["dhash"] = str(imagehash.dhash(image))  # second, independent hash: confirms phash matches
     record["mean_rgb"] = [round(value, 2) for value in ImageStat.Stat(image).mean]
     record["notes"] = _notes(path, header)
     if min(image.size) < min_side:

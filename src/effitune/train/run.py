@@ -7,11 +7,13 @@ lives in its own folder (config.yaml, manifest.csv, history.csv, state.json, mod
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import statistics
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +40,15 @@ from .module import Optimization, PhaseModule
 from .stages import Phase, resolve_depths
 
 console = Console(stderr=True)
+
+
+def _quiet_lightning() -> None:
+    """Keep the console for what matters: Lightning's banner lines, tips and known-benign warnings go."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning_utilities"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen BN is on purpose
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # cached tensors need none
 
 
 @dataclass
@@ -73,6 +84,7 @@ def train(data: str | Path | None = None, *, out: str | Path = "runs/run", confi
           manifest: str | Path | None = None, resume: str | Path | None = None,
           cache_root: str | Path | None = None, progress: bool = True) -> TrainResult:
     started = time.perf_counter()
+    _quiet_lightning()
     paths, config, rows = _open_run(data, out, config, manifest, resume)
     classes = sorted({row["label"] for row in rows})
     network, weight_source = _build_network(config, len(classes))
@@ -286,9 +298,18 @@ def _write_state(paths: RunPaths, state: dict) -> None:
 
 # --- test split and bundle ----------------------------------------------------------------------
 
+def predict_cached(predictor, cache: ImageCache, keys: list[str], chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, features) for cached images, `chunk` images in RAM at a time."""
+    parts = [predictor.run(cache.stack(keys[i:i + chunk])) for i in range(0, len(keys), chunk)]
+    if not parts:
+        return predictor.run(np.zeros((0, cache.size, cache.size, 3), np.uint8))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
 def _evaluate_and_bundle(network, datamodule, config, paths, classes, weight_source, phase_log, started) -> dict:
+    from ..evaluate.calibration import fit_temperature, reliability
     from ..evaluate.metrics import classification_metrics
-    from ..predict import Predictor
+    from ..predict import Predictor, softmax
 
     meta = {
         "classes": classes, "backbone": config.model.backbone, "weight_source": weight_source,
@@ -299,17 +320,28 @@ def _evaluate_and_bundle(network, datamodule, config, paths, classes, weight_sou
         "config": config.to_dict(), "manifest_sha1": manifest_hash(paths.manifest),
         "split_counts": split_counts(read_manifest(paths.manifest)), "phases": phase_log,
     }
-    bundles.save_bundle(paths.model, network.state_dict(), meta, extra_files={"history.csv": paths.history})
-    predictor = Predictor(paths.model)
+    staging = paths.root / "model.staging"
+    bundles.save_bundle(staging, network.state_dict(), meta, extra_files={"history.csv": paths.history})
+    predictor = Predictor(staging)
+    val_logits, _ = predict_cached(predictor, datamodule.cache, datamodule.parts["val"][0])
+    val_labels = datamodule.labels("val")
+    temperature = fit_temperature(val_logits, val_labels)
+    calibration = {"temperature": temperature,
+                   "val_ece_before": reliability(softmax(val_logits), val_labels)["ece"] if len(val_labels) else None,
+                   "val_ece_after": reliability(softmax(val_logits, temperature), val_labels)["ece"]
+                   if len(val_labels) else None}
     keys, labels = datamodule.parts["test"]
     metrics = {}
     if len(keys):
-        probabilities = predictor.probabilities(datamodule.cache.stack(keys))
-        metrics = classification_metrics(probabilities, labels, classes)
+        test_logits, _ = predict_cached(predictor, datamodule.cache, keys)
+        metrics = classification_metrics(softmax(test_logits, temperature), labels, classes)
+        metrics["test_ece"] = reliability(softmax(test_logits, temperature), labels)["ece"]
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
-    bundles.update_meta(paths.model, metrics={k: v for k, v in metrics.items() if k != "confusion"})
-    (paths.model / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    bundles.update_meta(staging, temperature=temperature, calibration=calibration,
+                        metrics={k: v for k, v in metrics.items() if k != "confusion"})
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (paths.root / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    bundles.replace_bundle(staging, paths.model)  # the finished bundle appears in one rename
     console.print(f"[bold green]test accuracy {metrics.get('accuracy', float('nan')):.4f}[/] on "
                   f"{len(keys)} held-out images; bundle: {paths.model}")
     return metrics
