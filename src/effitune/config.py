@@ -57,12 +57,13 @@ class TrainConfig:
     lr_factor: float = 0.1
     unfreeze: str = "auto"  # "auto" (go deeper while val improves) | N (last N whole stages) | "all"
     max_unfreeze: int = 3  # deepest stage count "auto" tries
+    auto_patience: int = 1  # "auto" tries this many deeper depths after one that did not improve (val is noisy)
     time_budget_min: float | None = None  # stop going deeper under "auto" once this is spent
     train_bn: bool = False  # BatchNorm stays frozen (inference mode) unless asked
     batch_size: int = 64
     label_smoothing: float = 0.1
     feature_cache: bool = True  # train on cached frozen-prefix activations (exact for frozen layers)
-    cache_views: int = 2  # augmented views of each training image cached for the frozen prefix
+    cache_views: int = 4  # views of each training image cached for the frozen prefix (1 plain + augmented)
     precision: str = "auto"  # auto (bf16-mixed on GPU, 32 on CPU) or any Lightning precision
     accelerator: str = "auto"
     devices: str = "auto"

@@ -20,3 +20,22 @@ def test_augmentation_is_random_and_unknown_name_rejected():
     assert any(not torch.equal(recipe(image), recipe(image)) for _ in range(5))
     with pytest.raises(ValueError, match="unknown augmentation"):
         build_augmentation("extreme", 40)
+
+
+def test_batch_augment_is_per_sample():
+    from effitune.data.transforms import BatchAugment
+
+    torch.manual_seed(0)
+    one = torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8)
+    batch = one.expand(8, 3, 48, 48).contiguous()
+    out = BatchAugment(32, min_scale=0.5, jitter=0.2)(batch)
+    assert out.shape == (8, 3, 32, 32) and out.dtype == torch.uint8
+    # the same image, augmented 8 times: the samples differ from one another
+    assert len({o.float().sum().item() for o in out}) > 4
+    # full-size crop, square, no jitter: the image itself or its mirror image
+    ramp = torch.arange(48, dtype=torch.float32).mul(5).expand(1, 3, 48, 48).to(torch.uint8)
+    plain = BatchAugment(48, min_scale=1.0, jitter=0.0, max_aspect=1.0)
+    for _ in range(4):
+        result = plain(ramp).float()
+        assert (result - ramp.float()).abs().max() <= 3 or (result - ramp.flip(-1).float()).abs().max() <= 3
+    assert BatchAugment.from_recipe("none", 32) is None

@@ -75,8 +75,9 @@ class ImageDataModule(L.LightningDataModule):
 
     def __init__(self, rows: list[dict], keys: list[str], classes: list[str], cache: ImageCache,
                  batch_size: int = 64, augment: str = "standard", balance: str = "none",
-                 workers: int | None = None, seed: int = 0):
+                 workers: int | None = None, seed: int = 0, device_augment: bool = False):
         super().__init__()
+        self.device_augment = device_augment  # True: the model augments batches on the GPU instead
         self.cache, self.classes, self.batch_size = cache, classes, batch_size
         self.augment, self.balance, self.seed = augment, balance, seed
         self.workers = default_workers() if workers is None else workers
@@ -92,7 +93,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def dataset(self, part: str, augment: bool | None = None) -> ImageDataset:
         keys, labels = self.parts[part]
-        use = (part == "train") if augment is None else augment
+        use = (part == "train" and not self.device_augment) if augment is None else augment
         transform = build_augmentation(self.augment, self.cache.size) if use else None
         return ImageDataset(self.cache, keys, labels, transform)
 

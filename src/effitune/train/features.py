@@ -46,10 +46,11 @@ def _capture(network: Network, images: torch.Tensor, depths: list[int]) -> dict[
 
 def compute_activations(network: Network, dataset: ImageDataset, depths: list[int], folder: Path,
                         views: int = 1, batch_size: int = 128, device: str = "cpu",
-                        workers: int = 0, progress=None) -> dict[str, np.ndarray]:
+                        workers: int = 0, progress=None, batch_augment=None) -> dict[str, np.ndarray]:
     """Write `<folder>/<boundary>.npy` (views, N, ...) float16 for pooled features and each depth.
 
-    View 0 is the image as evaluated; views 1.. apply `dataset.transform` (the augmentation recipe).
+    View 0 is the image as evaluated; views 1.. apply `dataset.transform` (the augmentation recipe,
+    per sample in loader workers) or, when given, `batch_augment` on the device (GPU).
     Reuses a complete earlier result with the same signature (resume, repeated runs).
     """
     folder = Path(folder)
@@ -67,13 +68,17 @@ def compute_activations(network: Network, dataset: ImageDataset, depths: list[in
     augment = dataset.transform
     total, done = views * len(dataset), 0
     for view in range(views):
-        dataset.transform = augment if view > 0 else None
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+        dataset.transform = augment if view > 0 and batch_augment is None else None
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                             pin_memory=device.startswith("cuda"))
         start = 0
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(1000 + view)  # each view's augmentation is reproducible
         for images, _ in loader:
-            images = images.to(device).contiguous(memory_format=torch.channels_last)
+            images = images.to(device, non_blocking=True)
+            if view > 0 and batch_augment is not None:
+                images = batch_augment(images)
+            images = images.contiguous(memory_format=torch.channels_last)
             with autocast:
                 captured = _capture(network, images, depths)
             for name, tensor in captured.items():

@@ -30,12 +30,13 @@ class Optimization:
 
 class PhaseModule(L.LightningModule):
     def __init__(self, network: Network, phase: Phase, inputs: str, optimization: Optimization,
-                 train_bn: bool = False, class_weights: torch.Tensor | None = None):
+                 train_bn: bool = False, class_weights: torch.Tensor | None = None, batch_augment=None):
         super().__init__()
         if inputs not in INPUTS:
             raise ValueError(f"inputs must be one of {INPUTS}")
         self.network, self.phase, self.inputs = network, phase, inputs
         self.optimization, self.train_bn = optimization, train_bn
+        self.batch_augment = batch_augment  # per-sample augmentation of whole batches on the device
         self.loss = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=optimization.label_smoothing)
         freeze_for(network, phase, train_bn)
 
@@ -51,6 +52,12 @@ class PhaseModule(L.LightningModule):
         if mode:
             set_train_mode(self.network, self.phase, self.train_bn)
         return self
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
+        x, y = batch
+        if self.batch_augment is not None and self.inputs == "images" and self.trainer.training:
+            x = self.batch_augment(x)
+        return x, y
 
     def _step(self, batch, split: str) -> torch.Tensor:
         x, y = batch

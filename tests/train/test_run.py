@@ -1,0 +1,42 @@
+"""The `unfreeze auto` policy and the data-driven defaults."""
+import time
+
+from effitune.config import Config
+from effitune.train.run import _fill_epochs, _should_stop_deeper
+from effitune.train.stages import Phase
+
+
+def state(**scores):
+    done = {"stage1": {"val_acc": scores.pop("stage1")}}
+    done.update({f"stage2-depth{d[1:]}": {"val_acc": v} for d, v in scores.items()})
+    return {"done": done, "best": max(done, key=lambda k: done[k]["val_acc"])}
+
+
+def test_auto_goes_deeper_while_improving_with_one_retry():
+    config, now = Config(), time.perf_counter()
+    assert not _should_stop_deeper(Phase(2), state(stage1=0.80, d1=0.85), config, now)
+    assert not _should_stop_deeper(Phase(2), state(stage1=0.80, d1=0.79), config, now)  # one miss: retry deeper
+    assert _should_stop_deeper(Phase(3), state(stage1=0.80, d1=0.79, d2=0.80), config, now)  # two misses
+    assert not _should_stop_deeper(Phase(3), state(stage1=0.80, d1=0.79, d2=0.82), config, now)
+    config.train.auto_patience = 0
+    assert _should_stop_deeper(Phase(2), state(stage1=0.80, d1=0.79), config, now)
+
+
+def test_auto_respects_time_budget_and_fixed_depths():
+    config = Config()
+    config.train.time_budget_min = 1.0
+    long_ago = time.perf_counter() - 120
+    assert _should_stop_deeper(Phase(2), state(stage1=0.80, d1=0.85), config, long_ago)
+    config.train.unfreeze = "3"
+    assert not _should_stop_deeper(Phase(3), state(stage1=0.80, d1=0.70, d2=0.70), config, long_ago)
+
+
+def test_epochs_and_stage2_lr_defaults():
+    config = Config()
+    _fill_epochs(config, 500)
+    assert config.train.stage1.epochs == 20 and config.train.stage2.epochs == 20
+    assert config.train.stage2.lr == config.train.stage1.lr * config.train.lr_factor
+    big = Config()
+    big.train.stage1.epochs = 3
+    _fill_epochs(big, 50_000)
+    assert big.train.stage1.epochs == 3 and big.train.stage2.epochs == 8
