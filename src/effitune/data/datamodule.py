@@ -11,10 +11,17 @@ import os
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, default_collate
 
 from .cache import ImageCache
 from .transforms import build_augmentation, to_chw
+
+
+def collate_batched(batch):
+    """Pass through batches a dataset's `__getitems__` already stacked; collate anything else as usual."""
+    if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
+        return batch
+    return default_collate(batch)
 
 
 class ImageDataset(Dataset):
@@ -29,6 +36,14 @@ class ImageDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.labels[index])
+
+    def __getitems__(self, indices: list[int]):
+        """Without a per-sample transform, a batch is one gather from the memory map (GPU loaders)."""
+        if self.transform is not None:
+            return [self[i] for i in indices]
+        images = self.cache.stack([self.keys[i] for i in indices])
+        labels = torch.as_tensor(self.labels[np.asarray(indices)], dtype=torch.long)
+        return torch.from_numpy(images).permute(0, 3, 1, 2), labels
 
 
 class ActivationDataset(Dataset):
@@ -45,12 +60,13 @@ class ActivationDataset(Dataset):
         return self.activations.shape[1]
 
     def __getitem__(self, index: int):
-        return self.__getitems__([index])[0]
+        batch, labels = self.__getitems__([index])
+        return batch[0], labels[0]
 
     def __getitems__(self, indices: list[int]):
         order = np.sort(np.asarray(indices))  # sorted reads are sequential on the memory map
         batch = torch.from_numpy(np.ascontiguousarray(self.activations[self.view, order]))
-        return [(batch[i], self.labels[j]) for i, j in enumerate(order)]
+        return batch, self.labels[order]
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -100,7 +116,7 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(self, part: str, shuffle: bool, sampler=None) -> DataLoader:
         return DataLoader(self.dataset(part), batch_size=self.batch_size, shuffle=shuffle and sampler is None,
                           sampler=sampler, num_workers=self.workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=self.workers > 0, drop_last=False)
+                          persistent_workers=self.workers > 0, drop_last=False, collate_fn=collate_batched)
 
     def train_dataloader(self) -> DataLoader:
         sampler = None

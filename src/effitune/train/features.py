@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.datamodule import ImageDataset
+from ..data.datamodule import ImageDataset, collate_batched
 from ..models import backbones
 from ..models.network import Network
 
@@ -70,7 +70,7 @@ def compute_activations(network: Network, dataset: ImageDataset, depths: list[in
     for view in range(views):
         dataset.transform = augment if view > 0 and batch_augment is None else None
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                             pin_memory=device.startswith("cuda"))
+                                             pin_memory=device.startswith("cuda"), collate_fn=collate_batched)
         start = 0
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(1000 + view)  # each view's augmentation is reproducible
