@@ -116,7 +116,8 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(self, part: str, shuffle: bool, sampler=None) -> DataLoader:
         return DataLoader(self.dataset(part), batch_size=self.batch_size, shuffle=shuffle and sampler is None,
                           sampler=sampler, num_workers=self.workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=self.workers > 0, drop_last=False, collate_fn=collate_batched)
+                          persistent_workers=self.workers > 0, drop_last=False, collate_fn=collate_batched,
+                          prefetch_factor=4 if self.workers > 0 else None)
 
     def train_dataloader(self) -> DataLoader:
         sampler = None
