@@ -25,7 +25,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from effitune.train.run import train as effitune_train
+import effitune
 from effitune.data.split import read_manifest
 from effitune.datasets import FASHION_MNIST_CLASSES, export_fashion_mnist, load_fashion_mnist
 from effitune.evaluate.metrics import classification_metrics
@@ -120,7 +120,7 @@ def main() -> None:
         data = export_fashion_mnist(args.out / f"data{n}", per_class=n, seed=1)
         run_dir = args.out / f"run{n}"
         if not (run_dir / "model" / "effitune.json").is_file():
-            effitune_train(data, out=run_dir)  # the defaults, nothing tuned
+            effitune.train(data, out=run_dir)  # the defaults, nothing tuned
         parts, classes = split_arrays(run_dir)
         order = [classes.index(name) for name in FASHION_MNIST_CLASSES]
         result = {"effitune": effitune_scores(run_dir, official_images, official_labels),

@@ -5,20 +5,21 @@
 #   device run: bash benchmarks/gpu.sh        (carry: .whl .gpu)
 set -uo pipefail
 OUT=${OUT:-/tmp/effitune-gpu}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src:/tmp/site" EFFITUNE_CACHE=/tmp/effitune-cache
+SRC=${EFFITUNE_SRC:-$PWD}  # a frozen snapshot of the code may be carried instead of the live tree
+export PYTHONUNBUFFERED=1 PYTHONPATH="$SRC/src:/tmp/site" EFFITUNE_CACHE=/tmp/effitune-cache
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, timm, lightning; print('torch', torch.__version__, 'timm', timm.__version__, 'lightning', lightning.__version__)" | tee -a "$OUT/gpu.txt"
 
 # 1. per-stage throughput: synthetic tensors (the compute limit) vs effitune end to end, lite0 @224
-timeout 240 python3 benchmarks/train_speed.py --device cuda --size 224 --batch 256 --steps 10 \
+timeout 200 python3 "$SRC/benchmarks/train_speed.py" --device cuda --size 224 --batch 256 --steps 10 \
     --images 12288 --workers 15 --work /tmp/speed 2>"$OUT/speed.err" | tee "$OUT/speed.json"
 
 # 2. Fashion-MNIST, 2,000 images per class, effitune defaults on the GPU: accuracy and wall time
-timeout 300 python3 - <<'PY' 2>"$OUT/fmnist.err" | tee "$OUT/fmnist.txt"
+timeout 250 python3 - <<'PY' 2>"$OUT/fmnist.err" | tee "$OUT/fmnist.txt"
 import json, time
 from effitune.datasets import export_fashion_mnist
-from effitune.train.run import train
+from effitune.training.run import train
 started = time.perf_counter()
 data = export_fashion_mnist("/tmp/fmnist", per_class=2000, source=".gpu/fashion-mnist", seed=1)
 print("export s", round(time.perf_counter() - started, 1))

@@ -34,9 +34,9 @@ from effitune.data.datamodule import ActivationDataset, ImageDataModule, collate
 from effitune.data.transforms import BatchAugment
 from effitune.models.backbones import create_backbone, num_stages
 from effitune.models.network import Network
-from effitune.train.features import compute_activations
-from effitune.train.module import Optimization, PhaseModule
-from effitune.train.stages import Phase, freeze_for, set_train_mode
+from effitune.training.features import compute_activations
+from effitune.training.module import Optimization, PhaseModule
+from effitune.training.stages import Phase, freeze_for, set_train_mode
 
 
 def synchronize(device: str) -> None:

@@ -54,7 +54,7 @@ def test_predict_json_lines_and_bad_file(trained, tiny_dataset_module, tmp_path)
     result = effitune("predict", out / "model", red, broken, "--json", "--top-k", "2")
     assert result.returncode == 1  # one failure -> non-zero, but the good file was still answered
     lines = [json.loads(line) for line in result.stdout.splitlines()]
-    assert lines[0]["path"] == str(red) and lines[0]["label"] == "red"
+    assert lines[0]["path"] == str(red) and lines[0]["top_k"][0]["label"] == "red"
     assert len(lines[0]["top_k"]) == 2 and set(lines[0]["top_k"][0]) == {"label", "probability"}
     assert lines[1]["path"] == str(broken) and "error" in lines[1]
 

@@ -30,7 +30,7 @@ def __getattr__(name: str):
         from .data.split import split_records
         return split_records
     if name == "train":
-        from .train.run import train
+        from .training.run import train
         return train
     if name in ("load", "Predictor"):
         from . import predict

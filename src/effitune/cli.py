@@ -67,6 +67,8 @@ def scan(data: Path = typer.Argument(..., help="Folder with one subfolder per cl
 def audit(data: Path = typer.Argument(..., help="Data folder / CSV (scanned first) or a records.jsonl."),
           manifest: Optional[Path] = typer.Option(None, help="manifest.csv: also report leakage across splits."),
           out: Path = typer.Option(Path(".effitune"), help="Where scan results go when DATA is scanned."),
+          model: Optional[Path] = typer.Option(None, "--model", help="Model bundle: also find likely label "
+                                               "errors, near duplicates, outliers and metadata shortcuts."),
           json_output: bool = typer.Option(False, "--json")):
     """Class balance, resolutions, orientations, duplicates, label conflicts and split leakage."""
     from .data.audit import audit as run_audit
@@ -74,10 +76,17 @@ def audit(data: Path = typer.Argument(..., help="Data folder / CSV (scanned firs
 
     records = data if data.suffix == ".jsonl" else run_scan(data, out=out, progress=not json_output).records_path
     report = run_audit(records, manifest=manifest)
+    model_report = None
+    if model is not None:
+        from .evaluate.data_audit import audit_data
+
+        model_report = audit_data(model, records, manifest=manifest)
     if json_output:
-        print_json(report.to_dict())
+        print_json({**report.to_dict(), **({"model_audit": model_report.to_dict()} if model_report else {})})
     else:
         err.print(report.render())
+        if model_report is not None:
+            err.print(model_report.render())
 
 
 @app.command()
@@ -126,9 +135,11 @@ def train(data: Optional[Path] = typer.Argument(None, help="Data folder / CSV (n
           devices: Optional[str] = typer.Option(None, help="auto | N (Lightning)."),
           precision: Optional[str] = typer.Option(None, help="auto | 32-true | bf16-mixed | 16-mixed."),
           seed: Optional[int] = typer.Option(None),
+          unknown_dir: Optional[Path] = typer.Option(None, help="Example images of no class: the unknown-image "
+                                                     "score is chosen on them (default score: knn)."),
           json_output: bool = typer.Option(False, "--json", help="Print the test metrics as JSON.")):
     """Scan -> split -> two-stage training -> evaluation on the test split -> model bundle."""
-    from .train.run import train as run_train
+    from .training.run import train as run_train
 
     overrides = {"model.backbone": model, "model.weights": str(weights) if weights else None,
                  "train.stage1.epochs": epochs, "train.stage2.epochs": epochs, "data.image_size": image_size,
@@ -138,9 +149,9 @@ def train(data: Optional[Path] = typer.Argument(None, help="Data folder / CSV (n
                  "train.seed": seed, "data.seed": seed}
     if resume is None:
         resolved = load_config(config, overrides)
-        result = run_train(data, out=out, config=resolved, manifest=manifest)
+        result = run_train(data, out=out, config=resolved, manifest=manifest, unknown_dir=unknown_dir)
     else:
-        result = run_train(resume=resume)
+        result = run_train(resume=resume, unknown_dir=unknown_dir)
     if json_output:
         print_json({"run_dir": str(result.run_dir), "bundle": str(result.bundle), "metrics": result.metrics})
 
@@ -170,13 +181,15 @@ def evaluate(bundle: Path = typer.Argument(..., help="Model bundle folder."),
 def predict(bundle: Path = typer.Argument(..., help="Model bundle folder."),
             paths: List[str] = typer.Argument(..., help="Image files, folders or glob patterns."),
             top_k: int = typer.Option(3, help="How many classes to list per image."),
+            reject: bool = typer.Option(True, "--reject/--no-reject",
+                                        help="Label images of no known class as unknown (label null in JSON)."),
             json_output: bool = typer.Option(False, "--json", help="One JSON object per line (JSON Lines).")):
     """Classify images; a file that can't be read gets an error line and the rest go on."""
     from .predict import load
 
     predictor = load(bundle)
     failures = 0
-    for result in predictor.iter_predict(paths, top_k=top_k):
+    for result in predictor.iter_predict(paths, top_k=top_k, reject=reject):
         failures += "error" in result
         if json_output:
             sys.stdout.write(json.dumps(result, ensure_ascii=True) + "\n")
@@ -184,7 +197,8 @@ def predict(bundle: Path = typer.Argument(..., help="Model bundle folder."),
             err.print(f"[red]{result['path']}: {result['error']}[/]", highlight=False)
         else:
             ranked = "  ".join(f"{t['label']} {t['probability']:.3f}" for t in result["top_k"])
-            print(f"{result['path']}\t{ranked}")
+            flag = f"unknown ({result['score_name']} {result['unknown_score']:.3f})\t" if result.get("unknown") else ""
+            print(f"{result['path']}\t{flag}{ranked}")
     if failures:
         raise typer.Exit(1)
 
@@ -213,7 +227,7 @@ def demo(out: Path = typer.Option(Path("demo"), help="Where the images and the r
          epochs: Optional[int] = typer.Option(None, help="Epochs per phase (default: from data size).")):
     """The main job on real data: Fashion-MNIST -> PNG folders -> two-stage training -> test accuracy."""
     from .datasets import export_fashion_mnist
-    from .train.run import train as run_train
+    from .training.run import train as run_train
 
     images = export_fashion_mnist(out / "fashion-mnist", per_class=per_class, source=source)
     err.print(f"Fashion-MNIST: {per_class} images per class in {images}")
@@ -228,6 +242,147 @@ def demo(out: Path = typer.Option(Path("demo"), help="Where the images and the r
         result = run_train(images, out=run_dir, config=config)
     err.print(f"demo done: test accuracy {result.metrics['accuracy']:.4f}; try "
               f"`effitune predict {result.bundle} {images}/bag`")
+
+
+@app.command()
+@user_errors
+def serve(bundle: Path = typer.Argument(..., help="Model bundle folder."),
+          host: str = typer.Option("127.0.0.1", help="Interface to listen on; 0.0.0.0 exposes it to the network."),
+          port: int = typer.Option(8000),
+          workers: int = typer.Option(2, help="Inference threads; more requests wait in a bounded queue."),
+          api_key: Optional[str] = typer.Option(None, envvar="EFFITUNE_API_KEY", show_default=False,
+                                                help="Require this key in the X-API-Key header."),
+          max_images: int = typer.Option(16, help="Images per request."),
+          max_upload_mb: float = typer.Option(10.0, help="Request body limit in MiB."),
+          timeout: float = typer.Option(30.0, help="Seconds a request may wait and run before 504."),
+          batch_window_ms: float = typer.Option(0.0, help="Wait this long to batch concurrent requests (0: off)."),
+          threads: Optional[int] = typer.Option(None, help="PyTorch threads per forward pass (default: PyTorch's).")):
+    """Serve a bundle over HTTP: a page at /, POST /predict, GET /health, GET /model, docs at /docs."""
+    import torch
+
+    try:
+        import uvicorn
+
+        from .serve.app import create_app
+    except ImportError as error:
+        raise UserError(f"serving needs the serve extra ({error.name} is missing): "
+                        'pip install "effitune[serve]"') from None
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        err.print(f"[yellow]warning:[/] listening on {host} without an API key: anyone who can reach it can use it")
+    application = create_app(bundle, api_key=api_key, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+                             max_images=max_images, timeout_s=timeout, workers=workers,
+                             batch_window_ms=batch_window_ms)
+    if threads:  # cores / workers avoids oversubscription on a quiet machine; measure before choosing
+        torch.set_num_threads(threads)
+    uvicorn.run(application, host=host, port=port, server_header=False, log_level="info")
+
+
+@app.command()
+@user_errors
+def export(bundle: Path = typer.Argument(..., help="Model bundle folder."),
+           fmt: str = typer.Option("onnx", "--format", help="Export target (onnx)."),
+           int8: bool = typer.Option(False, "--int8", help="Also write model.int8.onnx (static INT8, calibrated)."),
+           fp16: bool = typer.Option(False, "--fp16", help="Also write model.fp16.onnx (for GPUs; slower on CPUs)."),
+           calibration: Optional[Path] = typer.Option(None, help="INT8 calibration images when the run's "
+                                                      "manifest.csv is not next to the bundle."),
+           samples: Optional[Path] = typer.Option(None, help="Images for the parity check when there is no manifest."),
+           json_output: bool = typer.Option(False, "--json")):
+    """Export to ONNX, written only if ONNX Runtime matches PyTorch on real images; optional INT8/fp16."""
+    from .export import export as run_export
+
+    results = run_export(bundle, fmt, int8=int8, fp16=fp16, calibration=calibration, samples=samples)
+    if json_output:
+        print_json(results)
+        return
+    for name, info in results.items():
+        parity = info.get("parity")
+        check = (f"max |logit diff| {parity['max_abs_logit_diff']:.1e}, top-1 agreement {parity['top1_agreement']:.1%}"
+                 if parity else f"test accuracy {info.get('onnx_accuracy') or float('nan'):.4f} -> "
+                 f"{info.get('accuracy') or float('nan'):.4f}, top-1 agreement {info['top1_agreement']:.1%}")
+        err.print(f"{bundle / info['file']}: {info['bytes'] / 1e6:.1f} MB; {check}", highlight=False)
+
+
+@app.command()
+@user_errors
+def benchmark(bundles: List[Path] = typer.Argument(..., help="Model bundle folders."),
+              out: Path = typer.Option(Path("benchmark"), help="Folder for benchmark.json and benchmark.png."),
+              runs: int = typer.Option(50, help="Timed batch-1 calls per backend (after warm-up)."),
+              batch_size: int = typer.Option(32, help="Batch size for the throughput measurement."),
+              json_output: bool = typer.Option(False, "--json")):
+    """Batch-1 latency, throughput, size and accuracy of PyTorch and each exported model, on this machine."""
+    from .export.bench import benchmark as run_benchmark, save, table
+
+    rows = run_benchmark(bundles, runs=runs, warmup=max(1, min(10, runs // 5)), batch_size=batch_size)
+    written = save(rows, out)
+    if json_output:
+        print_json(rows)
+        return
+    err.print(table(rows))
+    err.print(f"plot: {written['plot']}  data: {written['json']}")
+
+
+@app.command()
+@user_errors
+def report(bundle: Path = typer.Argument(..., help="Model bundle folder (a run's model/)."),
+           data: Optional[Path] = typer.Argument(None, help="DATA folder / CSV or manifest.csv (default: the "
+                                                 "run's manifest.csv beside the bundle)."),
+           out: Optional[Path] = typer.Option(None, help="Folder for report.html, report.json and the figures "
+                                              "(default: RUN/report)."),
+           json_output: bool = typer.Option(False, "--json", help="Print report.json to stdout.")):
+    """One self-contained HTML page: curves, metrics, confusion, mistakes, calibration and a data audit."""
+    from .evaluate.report import write_report
+
+    path = write_report(bundle, data, out)
+    if json_output:
+        sys.stdout.write((path.parent / "report.json").read_text())
+    else:
+        err.print(f"report: {path}")
+
+
+@app.command("ood-eval")
+@user_errors
+def ood_eval(bundle: Path = typer.Argument(..., help="Model bundle folder."),
+             known: Path = typer.Option(..., help="Known images: manifest.csv (its --split) or a labelled folder/CSV."),
+             unknown: List[Path] = typer.Option(..., help="Images of no class (files, folders; repeatable)."),
+             split_name: str = typer.Option("test", "--split", help="Which manifest split is the known set."),
+             json_output: bool = typer.Option(False, "--json")):
+    """How well each unknown-image score separates known from unknown images (AUROC, FPR at 95% TPR)."""
+    from .ood import evaluate as evaluate_unknown
+    from .predict import load
+
+    report = evaluate_unknown(load(bundle), known, unknown, split=split_name)
+    if json_output:
+        print_json(report)
+        return
+    table = Table("score", "AUROC", "FPR@95%TPR", "known accepted", "selective acc.", "unknown rejected",
+                  title=f"{report['n_known']} known vs {report['n_unknown']} unknown images "
+                        f"(accuracy {report['accuracy']:.3f}; predict uses '{report['score_used']}')")
+    for name, row in report["scores"].items():
+        table.add_row(name, f"{row['auroc']:.3f}", f"{row['fpr_at_95_tpr']:.3f}", f"{row['known_accepted']:.3f}",
+                      f"{row['selective_accuracy']:.3f}", f"{row['unknown_rejected']:.3f}")
+    err.print(table)
+
+
+@app.command()
+@user_errors
+def drift(bundle: Path = typer.Argument(..., help="Model bundle folder."),
+          images: List[Path] = typer.Argument(..., help="New images: files or folders."),
+          json_output: bool = typer.Option(False, "--json")):
+    """Do new images still look like the training data? Unknown share, feature shift, class mix."""
+    from .drift import check
+    from .predict import load
+
+    report = check(load(bundle), images)
+    if json_output:
+        print_json(report)
+        return
+    table = Table("class", "validation share", "new share", title="predicted classes")
+    for row in report["per_class"]:
+        table.add_row(row["class"], f"{row['reference_share']:.3f}", f"{row['new_share']:.3f}")
+    err.print(table)
+    err.print(f"drift score (MMD^2) {report['drift_score']:.4f}, p = {report['p_value']:.3f}; "
+              f"{report['n_images']} images")
+    print(report["message"])
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ class TrainConfig:
     auto_patience: int = 1  # "auto" tries this many deeper depths after one that did not improve (val is noisy)
     time_budget_min: float | None = None  # stop going deeper under "auto" once this is spent
     train_bn: bool = False  # BatchNorm stays frozen (inference mode) unless asked
-    batch_size: int = 64
+    batch_size: int | None = None  # None = 256 on a GPU (small steps leave it idle), 64 on a CPU
     label_smoothing: float = 0.1
     feature_cache: bool = True  # train on cached frozen-prefix activations (exact for frozen layers)
     cache_views: int = 4  # views of each training image cached for the frozen prefix (1 plain + augmented)
@@ -146,7 +146,7 @@ def validate(config: Config) -> None:
     unfreeze = str(t.unfreeze)
     if unfreeze not in ("auto", "all") and not (unfreeze.isdigit() and int(unfreeze) >= 0):
         raise ConfigError(f"train.unfreeze '{t.unfreeze}' must be auto, all or a whole number of stages (0 = head only).")
-    if t.batch_size < 1 or t.cache_views < 1:
+    if (t.batch_size is not None and t.batch_size < 1) or t.cache_views < 1:
         raise ConfigError("train.batch_size and train.cache_views must be at least 1.")
     if not 0 < config.unknown.target_tpr <= 1:
         raise ConfigError(f"unknown.target_tpr ({config.unknown.target_tpr}) must be in (0, 1].")

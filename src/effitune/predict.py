@@ -5,6 +5,7 @@ It needs neither the training code path nor the data: only the bundle folder. CL
 """
 from __future__ import annotations
 
+import functools
 import glob
 import os
 from pathlib import Path
@@ -16,8 +17,10 @@ import torch
 from .bundle import read_meta, read_weights
 from .data.images import IMAGE_EXTENSIONS, load_for_model
 from .errors import UserError
+from .export import ONNX_FILES
 from .models.backbones import create_backbone
 from .models.network import Network
+from .ood import load_detector
 
 
 def build_network(meta: dict) -> Network:
@@ -60,6 +63,60 @@ class TorchEngine:
         return self.network.head(features).float().cpu().numpy(), features.float().cpu().numpy()
 
 
+def to_model_input(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [0, 1]: the exported graph's `images` input."""
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255)
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class OnnxEngine:
+    """Runs an exported graph (`effitune export`) with ONNX Runtime on the CPU: same `run` as TorchEngine."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or available_cores()  # one request uses every core
+        options.inter_op_num_threads = 1  # a chain of convs has no parallel branches to spread over
+        options.log_severity_level = 3
+        self.path = Path(path)
+        self.name = next((b for b, f in ONNX_FILES.items() if f == self.path.name), "onnx")
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (N, H, W, 3) -> (logits (N, classes), pooled features (N, D)), float32."""
+        logits, features = self.session.run(["logits", "features"], {self.input: to_model_input(images)})
+        return logits, features
+
+
+BACKENDS = ("auto", "torch", *ONNX_FILES)
+
+
+def choose_backend(folder: Path, backend: str, device: str = "cpu") -> str:
+    """`auto`: ONNX Runtime when the bundle holds a parity-checked model.onnx and we run on the CPU."""
+    if backend not in BACKENDS:
+        raise UserError(f"Unknown backend '{backend}'. Choose one of: {', '.join(BACKENDS)}.")
+    if backend == "auto":
+        return "onnx" if device == "cpu" and (folder / ONNX_FILES["onnx"]).is_file() else "torch"
+    if backend != "torch" and not (folder / ONNX_FILES[backend]).is_file():
+        flag = {"onnx": "", "fp16": " --fp16", "int8": " --int8"}[backend]
+        raise UserError(f"{folder / ONNX_FILES[backend]} is missing: create it with "
+                        f"`effitune export {folder} --format onnx{flag}`, or use backend 'torch'.")
+    return backend
+
+
+def run_in_batches(engine, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """engine.run over `images` in batches; (logits, features) concatenated."""
+    parts = [engine.run(images[start:start + batch_size]) for start in range(0, len(images), batch_size)]
+    if not parts:
+        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
 def expand_sources(sources: Iterable[str | Path]) -> Iterator[str]:
     """Files, folders (recursive, images only, sorted) and glob patterns, in the order given."""
     for source in sources:
@@ -86,18 +143,26 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 class Predictor:
     """`effitune.load(bundle)` returns one. `predictor.predict(["a.jpg", "photos/"])` -> list of dicts."""
 
-    def __init__(self, folder: str | Path, device: str = "cpu"):
+    def __init__(self, folder: str | Path, device: str = "cpu", backend: str = "auto"):
         self.folder = Path(folder)
         self.meta = read_meta(self.folder)
         self.classes: list[str] = list(self.meta["classes"])
         self.size: int = int(self.meta["preprocessing"]["size"])
         self.temperature: float = float(self.meta.get("temperature") or 1.0)
         self.device = device
-        self.network = load_network(self.folder, self.meta)
-        self.engine = TorchEngine(self.network, device)
+        self.backend = choose_backend(self.folder, backend, device)
+        self.engine = TorchEngine(self.network, device) if self.backend == "torch" \
+            else OnnxEngine(self.folder / ONNX_FILES[self.backend])
+        self.unknown = load_detector(self.folder, self.meta)  # None: the bundle has no unknown-image statistics
+
+    @functools.cached_property
+    def network(self) -> Network:
+        """The PyTorch network (loaded on first use when an ONNX backend serves predictions)."""
+        return load_network(self.folder, self.meta)
 
     def __repr__(self) -> str:
-        return f"Predictor({self.folder}, {self.meta['backbone']}, {len(self.classes)} classes, {self.size}px)"
+        return (f"Predictor({self.folder}, {self.meta['backbone']}, {len(self.classes)} classes, {self.size}px, "
+                f"{self.backend})")
 
     def preprocess(self, source: str | Path | bytes) -> np.ndarray:
         """Any image file (or its bytes) -> uint8 HWC array at the bundle's size."""
@@ -105,14 +170,9 @@ class Predictor:
 
     def run(self, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
         """uint8 images (N, size, size, 3) -> (logits, pooled features), in batches."""
-        logits, features = [], []
-        for start in range(0, len(images), batch_size):
-            batch_logits, batch_features = self.engine.run(images[start:start + batch_size])
-            logits.append(batch_logits)
-            features.append(batch_features)
-        if not logits:
+        if not len(images):
             return np.zeros((0, len(self.classes)), np.float32), np.zeros((0, 0), np.float32)
-        return np.concatenate(logits), np.concatenate(features)
+        return run_in_batches(self.engine, images, batch_size)
 
     def logits(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         return self.run(images, batch_size)[0]
@@ -120,11 +180,17 @@ class Predictor:
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         return softmax(self.logits(images), self.temperature)
 
-    def predict(self, sources: Iterable[str | Path | bytes], top_k: int = 5, batch_size: int = 32) -> list[dict]:
-        return list(self.iter_predict(sources, top_k=top_k, batch_size=batch_size))
+    def predict(self, sources: Iterable[str | Path | bytes], top_k: int = 5, batch_size: int = 32,
+                reject: bool = True) -> list[dict]:
+        return list(self.iter_predict(sources, top_k=top_k, batch_size=batch_size, reject=reject))
 
-    def iter_predict(self, sources, top_k: int = 5, batch_size: int = 32) -> Iterator[dict]:
-        """Streams results in input order; a file that fails gets an `error` entry and the rest go on."""
+    def iter_predict(self, sources, top_k: int = 5, batch_size: int = 32, reject: bool = True) -> Iterator[dict]:
+        """Streams results in input order; a file that fails gets an `error` entry and the rest go on.
+
+        With unknown-image statistics in the bundle each result also has `unknown` (score below the
+        calibrated threshold), `unknown_score` and `score_name`; `reject` sets `label` to None for an
+        unknown image (`reject=False` keeps the raw class). `top_k` always lists the raw classes.
+        """
         pending: list[tuple[str, np.ndarray | None, str | None]] = []
         for source in _with_expansion(sources):
             label = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
@@ -133,13 +199,15 @@ class Predictor:
             except Exception as error:  # noqa: BLE001 - one bad file must not stop the others
                 pending.append((label, None, _describe(error)))
             if len(pending) >= batch_size:
-                yield from self._finish(pending, top_k)
+                yield from self._finish(pending, top_k, reject)
                 pending = []
-        yield from self._finish(pending, top_k)
+        yield from self._finish(pending, top_k, reject)
 
-    def _finish(self, pending, top_k: int) -> Iterator[dict]:
+    def _finish(self, pending, top_k: int, reject: bool = True) -> Iterator[dict]:
         good = [image for _, image, _ in pending if image is not None]
-        probabilities = iter(self.probabilities(np.stack(good)) if good else [])
+        logits, features = self.run(np.stack(good)) if good else (np.zeros((0, len(self.classes))), None)
+        probabilities = iter(softmax(logits, self.temperature))
+        scores = iter(self.unknown.score(logits, features) if self.unknown is not None and good else [])
         k = max(1, min(top_k, len(self.classes)))
         for path, image, error in pending:
             if image is None:
@@ -147,8 +215,14 @@ class Predictor:
                 continue
             p = next(probabilities)
             order = np.argsort(-p)[:k]
-            yield {"path": path, "label": self.classes[order[0]], "probability": float(p[order[0]]),
-                   "top_k": [{"label": self.classes[i], "probability": float(p[i])} for i in order]}
+            result = {"path": path, "label": self.classes[order[0]], "probability": float(p[order[0]]),
+                      "top_k": [{"label": self.classes[i], "probability": float(p[i])} for i in order]}
+            if self.unknown is not None:
+                score = float(next(scores))
+                result.update(unknown=bool(self.unknown.is_unknown(score)), unknown_score=score,
+                              score_name=self.unknown.score_name)
+                result["label"] = None if reject and result["unknown"] else result["label"]
+            yield result
 
 
 def _with_expansion(sources) -> Iterator:
@@ -165,6 +239,6 @@ def _describe(error: Exception) -> str:
     return f"cannot read image ({type(error).__name__}: {error})"
 
 
-def load(folder: str | Path, device: str = "cpu") -> Predictor:
-    """Load a model bundle for prediction."""
-    return Predictor(folder, device=device)
+def load(folder: str | Path, device: str = "cpu", backend: str = "auto") -> Predictor:
+    """Load a model bundle for prediction (`backend`: auto | torch | onnx | fp16 | int8)."""
+    return Predictor(folder, device=device, backend=backend)

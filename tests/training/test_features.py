@@ -8,7 +8,7 @@ from effitune.data.datamodule import ImageDataset
 from effitune.data.transforms import build_augmentation
 from effitune.models.backbones import create_backbone
 from effitune.models.network import Network
-from effitune.train.features import compute_activations
+from effitune.training.features import compute_activations
 
 
 def test_cached_activations_match_live_forward(tmp_path):

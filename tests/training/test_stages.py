@@ -4,8 +4,8 @@ import torch
 
 from effitune.models.backbones import create_backbone, num_stages
 from effitune.models.network import Network
-from effitune.train.module import Optimization, PhaseModule
-from effitune.train.stages import BATCHNORM_TYPES, Phase, resolve_depths
+from effitune.training.module import Optimization, PhaseModule
+from effitune.training.stages import BATCHNORM_TYPES, Phase, resolve_depths
 
 
 def make_network(name="tf_efficientnet_lite0", classes=3):

@@ -17,6 +17,16 @@ class HistoryWriter(L.Callback):
         self.path, self.phase_name, self.stage = Path(path), phase_name, stage
         self._started = time.perf_counter()
 
+    def on_train_start(self, trainer, pl_module):
+        """On resume, forget rows of epochs that will run again (written after the last checkpoint)."""
+        rows = read_history(self.path)
+        kept = [r for r in rows if not (r["phase"] == self.phase_name and int(r["epoch"]) >= trainer.current_epoch)]
+        if len(kept) != len(rows):
+            with open(self.path, "w", newline="") as stream:
+                writer = csv.DictWriter(stream, fieldnames=HISTORY_COLUMNS)
+                writer.writeheader()
+                writer.writerows(kept)
+
     def on_train_epoch_start(self, trainer, pl_module):
         self._started = time.perf_counter()
 

@@ -2,8 +2,8 @@
 import time
 
 from effitune.config import Config
-from effitune.train.run import _fill_epochs, _should_stop_deeper
-from effitune.train.stages import Phase
+from effitune.training.run import _fill_epochs, _should_stop_deeper
+from effitune.training.stages import Phase
 
 
 def state(**scores):

@@ -29,9 +29,10 @@ from torch.utils.data import DataLoader
 from .. import bundle as bundles
 from ..config import Config, StageConfig, config_from_dict, load_config, save_config
 from ..data.cache import ImageCache
-from ..data.datamodule import ActivationDataset, ImageDataModule, class_weights
+from ..data.datamodule import ActivationDataset, ImageDataModule, class_weights, collate_batched
 from ..data.split import manifest_hash, read_manifest, split_counts, split_records, write_manifest
 from ..errors import UserError
+from ..evaluate.report import report_after_training
 from ..models.backbones import create_backbone
 from ..models.network import Network
 from .callbacks import CycleCachedViews, HistoryWriter
@@ -82,7 +83,9 @@ def default_cache_root() -> Path:
 
 def train(data: str | Path | None = None, *, out: str | Path = "runs/run", config: Config | None = None,
           manifest: str | Path | None = None, resume: str | Path | None = None,
-          cache_root: str | Path | None = None, progress: bool = True) -> TrainResult:
+          cache_root: str | Path | None = None, progress: bool = True,
+          unknown_dir: str | Path | None = None) -> TrainResult:
+    """`unknown_dir`: example images of no class; the unknown-image score is then chosen on them."""
     started = time.perf_counter()
     _quiet_lightning()
     paths, config, rows = _open_run(data, out, config, manifest, resume)
@@ -90,6 +93,7 @@ def train(data: str | Path | None = None, *, out: str | Path = "runs/run", confi
     network, weight_source = _build_network(config, len(classes))
     config.data.image_size = config.data.image_size or choose_image_size(rows, network)
     _fill_epochs(config, sum(row["split"] == "train" for row in rows))
+    config.train.batch_size = config.train.batch_size or (256 if _device(config) == "cuda" else 64)
     save_config(config, paths.config)
     cache = ImageCache(cache_root or default_cache_root() / "images", config.data.image_size)
     console.print(f"[bold]effitune[/] {len(rows)} images, {len(classes)} classes, {config.model.backbone} "
@@ -101,7 +105,8 @@ def train(data: str | Path | None = None, *, out: str | Path = "runs/run", confi
                                  device_augment=_device(config) == "cuda")
     phase_log = _train_phases(network, datamodule, config, paths, started)
     metrics = _evaluate_and_bundle(network, datamodule, config, paths, classes, weight_source, phase_log,
-                                   started)
+                                   started, unknown_dir)
+    report_after_training(paths.root, device=_device(config), cache=cache.folder.parent)  # warns, never raises
     return TrainResult(paths.root, paths.model, metrics, phase_log)
 
 
@@ -256,8 +261,8 @@ def _loaders(phase: Phase, datamodule: ImageDataModule, inputs: dict, config: Co
         train_set = ActivationDataset(inputs["train"][name], datamodule.labels("train"))
         val_set = ActivationDataset(inputs["val"][name], datamodule.labels("val"))
         batch = config.train.batch_size
-        loaders = (DataLoader(train_set, batch_size=batch, shuffle=True),
-                   DataLoader(val_set, batch_size=batch * 2, shuffle=False))
+        loaders = (DataLoader(train_set, batch_size=batch, shuffle=True, collate_fn=collate_batched),
+                   DataLoader(val_set, batch_size=batch * 2, shuffle=False, collate_fn=collate_batched))
         return loaders, ("features" if phase.depth is None else "prefix"), [CycleCachedViews(train_set)]
     return (datamodule.train_dataloader(), datamodule.val_dataloader()), "images", []
 
@@ -327,7 +332,8 @@ def predict_cached(predictor, cache: ImageCache, keys: list[str], chunk: int = 5
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def _evaluate_and_bundle(network, datamodule, config, paths, classes, weight_source, phase_log, started) -> dict:
+def _evaluate_and_bundle(network, datamodule, config, paths, classes, weight_source, phase_log, started,
+                         unknown_dir=None) -> dict:
     from ..evaluate.calibration import fit_temperature, reliability
     from ..evaluate.metrics import classification_metrics
     from ..predict import Predictor, softmax
@@ -344,19 +350,21 @@ def _evaluate_and_bundle(network, datamodule, config, paths, classes, weight_sou
     staging = paths.root / "model.staging"
     bundles.save_bundle(staging, network.state_dict(), meta, extra_files={"history.csv": paths.history})
     predictor = Predictor(staging)
-    val_logits, _ = predict_cached(predictor, datamodule.cache, datamodule.parts["val"][0])
+    val_logits, val_features = predict_cached(predictor, datamodule.cache, datamodule.parts["val"][0])
     val_labels = datamodule.labels("val")
     temperature = fit_temperature(val_logits, val_labels)
     calibration = {"temperature": temperature,
                    "val_ece_before": reliability(softmax(val_logits), val_labels)["ece"] if len(val_labels) else None,
                    "val_ece_after": reliability(softmax(val_logits, temperature), val_labels)["ece"]
                    if len(val_labels) else None}
+    _fit_unknown(predictor, datamodule, config, staging, temperature, (val_logits, val_features), unknown_dir)
     keys, labels = datamodule.parts["test"]
     metrics = {}
     if len(keys):
-        test_logits, _ = predict_cached(predictor, datamodule.cache, keys)
+        test_logits, test_features = predict_cached(predictor, datamodule.cache, keys)
         metrics = classification_metrics(softmax(test_logits, temperature), labels, classes)
         metrics["test_ece"] = reliability(softmax(test_logits, temperature), labels)["ece"]
+        metrics.update(_unknown_on_test(staging, test_logits, test_features, labels))
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
     bundles.update_meta(staging, temperature=temperature, calibration=calibration,
                         metrics={k: v for k, v in metrics.items() if k != "confusion"})
@@ -366,3 +374,33 @@ def _evaluate_and_bundle(network, datamodule, config, paths, classes, weight_sou
     console.print(f"[bold green]test accuracy {metrics.get('accuracy', float('nan')):.4f}[/] on "
                   f"{len(keys)} held-out images; bundle: {paths.model}")
     return metrics
+
+
+def _fit_unknown(predictor, datamodule, config, staging, temperature, val, unknown_dir) -> None:
+    """Unknown-image statistics from a class-stratified train sample; the threshold from the val split."""
+    from .. import ood
+
+    keys, labels = datamodule.parts["train"]
+    if not len(val[0]) or not len(keys):
+        console.print("[yellow]no validation images: the bundle gets no unknown-image threshold[/]")
+        return
+    chosen = ood.stratified_sample(labels, ood.BANK_SIZE, config.data.seed)
+    _, train_features = predict_cached(predictor, datamodule.cache, [keys[i] for i in chosen])
+    examples = ood.embed(predictor, [unknown_dir])[1:3] if unknown_dir else None
+    section = ood.fit_and_attach(staging, temperature, (train_features, labels[chosen]),
+                                 (*val, datamodule.labels("val")), config.unknown.target_tpr, config.unknown.score,
+                                 examples, seed=config.data.seed)
+    console.print(f"unknown images: score '{section['score']}' ({section['selected_by']}), threshold "
+                  f"{section['threshold']:.4f} keeps {section['val_tpr']:.1%} of validation images")
+
+
+def _unknown_on_test(staging, logits, features, labels) -> dict:
+    """Share of test images the unknown threshold accepts, and the accuracy on those."""
+    from .. import ood
+
+    detector = ood.load_detector(staging, bundles.read_meta(staging))
+    if detector is None:
+        return {}
+    scores = detector.score(logits, features)
+    return {f"test_{k}": v for k, v in ood.acceptance(scores, detector.section["threshold"],
+                                                       logits.argmax(1) == labels).items()}

@@ -1,0 +1,386 @@
+"""Images that belong to no class: scores, a threshold calibrated on known images, bundle storage.
+
+Every score is "higher = more like the training data":
+- msp: the largest softmax probability at the bundle's temperature (Hendrycks & Gimpel, 2017);
+- energy: T * logsumexp(logits / T) (Liu et al., 2020);
+- knn: cosine similarity of the L2-normalized pooled features to the k-th nearest training feature
+  (Sun et al., 2022), against a float16, class-stratified sample of the training features;
+- mahalanobis: minus the smallest class-conditional Mahalanobis distance, one covariance shared by all
+  classes (Lee et al., 2018), on normalized features; the covariance is kept as its leading
+  eigenvectors plus one residual variance, so it stays small.
+The threshold is the score that keeps `target_tpr` of the known validation images: an image that
+scores below it is reported as unknown. Tensors go to `ood.safetensors`, the choice and its numbers
+to the `unknown` section of effitune.json; no pickle anywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import load_file, save_file
+
+from .errors import UserError
+
+OOD_FILE = "ood.safetensors"
+BANK_SIZE = 2000  # training features kept for knn; Sun et al. (2022) lose little even at 1% of ImageNet
+REFERENCE_SIZE = 1000  # validation features kept as the drift reference (held out, unlike the bank)
+EXPLAINED_VARIANCE = 0.9  # share of the shared covariance kept as explicit eigen-directions; the rest is isotropic
+SCORES: dict[str, Callable[["UnknownDetector", np.ndarray, np.ndarray], np.ndarray]] = {}
+
+
+def register_score(name: str):
+    def add(function):
+        if name in SCORES:
+            raise ValueError(f"unknown-image score '{name}' is registered twice")
+        SCORES[name] = function
+        return function
+    return add
+
+
+def l2_normalize(features: np.ndarray) -> np.ndarray:
+    features = np.asarray(features, dtype=np.float32)
+    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+
+
+def stratified_sample(labels, size: int, seed: int = 0, shares: np.ndarray | None = None) -> np.ndarray:
+    """Sorted indices of at most `size` items whose class mix follows `shares` (default: their own mix).
+
+    With `shares` the sample is as large as its rarest class allows; without, every class keeps one.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if shares is None and len(labels) <= size:
+        return np.arange(len(labels))
+    classes, counts = np.unique(labels, return_counts=True)
+    wanted = counts / counts.sum() if shares is None else np.asarray(shares, dtype=np.float64)[classes]
+    wanted = wanted / wanted.sum()
+    total = min(size, float(np.min(counts[wanted > 0] / wanted[wanted > 0])))
+    take = np.minimum(counts, np.round(total * wanted).astype(np.int64))
+    if shares is None:
+        take = np.maximum(take, 1)
+    rng = np.random.default_rng(seed)
+    return np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), n, replace=False)
+                                   for c, n in zip(classes, take)]))
+
+
+def default_k(bank_size: int) -> int:
+    """Sun et al. scale k with the bank (k=50 for 50k CIFAR images, k=10 for 1% of ImageNet)."""
+    return int(np.clip(round(bank_size / 1000), 1, 50))
+
+
+@dataclass
+class UnknownDetector:
+    """What scoring needs: the temperature and the training-feature statistics from ood.safetensors."""
+
+    temperature: float
+    bank: np.ndarray  # (N, D) normalized training features
+    means: np.ndarray  # (C, D) class means of normalized training features
+    components: np.ndarray  # (r, D) leading eigenvectors of the shared covariance
+    eigenvalues: np.ndarray  # (r,)
+    residual_variance: float  # variance per direction outside the components
+    k: int
+    reference: np.ndarray  # (M, D) normalized validation features, training class mix: the drift reference
+    reference_predicted: np.ndarray  # (M,) the class predicted for each reference image
+    section: dict  # the bundle's `unknown` section (score, threshold, ...); {} before calibration
+
+    @classmethod
+    def fit(cls, train_features: np.ndarray, train_labels: np.ndarray, val_logits: np.ndarray,
+            val_features: np.ndarray, val_labels: np.ndarray, temperature: float = 1.0, bank_size: int = BANK_SIZE,
+            seed: int = 0) -> "UnknownDetector":
+        """Statistics from (a sample of) the training features; the reference from validation images."""
+        labels = np.asarray(train_labels)
+        if not len(labels):
+            raise UserError("Unknown-image statistics need training images; the train split is empty.")
+        normalized = l2_normalize(train_features)
+        classes, index = np.unique(labels, return_inverse=True)
+        means = np.stack([normalized[index == i].mean(axis=0) for i in range(len(classes))])
+        components, eigenvalues, residual = _shared_covariance(normalized - means[index])
+        keep = stratified_sample(labels, bank_size, seed)
+        # Held-out images (training images sit closer to the bank), drawn in the training class mix.
+        mix = np.bincount(labels, minlength=int(max(labels.max(), np.max(val_labels, initial=0))) + 1) / len(labels)
+        chosen = stratified_sample(val_labels, REFERENCE_SIZE, seed, shares=mix)
+        return cls(float(temperature), _as_stored(normalized[keep]), means, components, eigenvalues, residual,
+                   default_k(len(keep)), _as_stored(l2_normalize(val_features)[chosen]),
+                   np.asarray(val_logits).argmax(axis=1)[chosen], {})
+
+    def scores(self, logits: np.ndarray, features: np.ndarray, names: Iterable[str] | None = None) -> dict:
+        """{score name: (N,) scores} for the named scores (default: all)."""
+        return {name: SCORES[name](self, np.asarray(logits, np.float32), np.asarray(features, np.float32))
+                for name in (names or SCORES)}
+
+    @property
+    def score_name(self) -> str:
+        return self.section["score"]
+
+    def score(self, logits: np.ndarray, features: np.ndarray) -> np.ndarray:
+        return self.scores(logits, features, [self.score_name])[self.score_name]
+
+    def is_unknown(self, scores: np.ndarray) -> np.ndarray:
+        return np.asarray(scores) < self.section["threshold"]
+
+    def save(self, folder: str | Path) -> None:
+        tensors = {"bank": self.bank.astype(np.float16), "class_means": self.means.astype(np.float32),
+                   "components": self.components.astype(np.float32),  # float16 would break orthonormality
+                   "eigenvalues": self.eigenvalues.astype(np.float32), "reference": self.reference.astype(np.float16),
+                   "reference_predicted": self.reference_predicted.astype(np.int32)}
+        # safetensors.numpy writes a transposed view's memory in the wrong order: make every array contiguous
+        save_file({name: np.ascontiguousarray(array) for name, array in tensors.items()},
+                  str(Path(folder) / OOD_FILE),
+                  metadata={"k": str(self.k), "residual_variance": repr(self.residual_variance),
+                            "temperature": repr(self.temperature)})
+
+    @classmethod
+    def load(cls, folder: str | Path, section: dict) -> "UnknownDetector":
+        path = Path(folder) / OOD_FILE
+        try:
+            tensors = load_file(str(path))
+            with safe_open(str(path), "np") as stream:
+                info = stream.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as error:
+            raise UserError(f"{path} is missing or damaged ({error}). Copy the bundle again or re-train.") from None
+        as_float = {name: tensors[name].astype(np.float32) for name in tensors}
+        return cls(float(info["temperature"]), as_float["bank"], as_float["class_means"], as_float["components"],
+                   as_float["eigenvalues"], float(info["residual_variance"]), int(info["k"]), as_float["reference"],
+                   tensors["reference_predicted"].astype(np.int64), dict(section))
+
+
+def _as_stored(features: np.ndarray) -> np.ndarray:
+    """Round to float16 as ood.safetensors does, so calibration scores with exactly what is stored."""
+    return features.astype(np.float16).astype(np.float32)
+
+
+def _shared_covariance(centered: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Leading eigen-directions of the within-class covariance, and the mean variance left outside them."""
+    covariance = centered.T @ centered / max(1, len(centered) - 1)
+    eigenvalues, vectors = np.linalg.eigh(covariance.astype(np.float64))
+    eigenvalues, vectors = np.clip(eigenvalues[::-1], 0, None), vectors[:, ::-1]
+    total = float(eigenvalues.sum()) or 1.0
+    rank = int(np.searchsorted(np.cumsum(eigenvalues) / total, EXPLAINED_VARIANCE) + 1)
+    rank = min(rank, len(eigenvalues) - 1, max(1, len(centered) - 1))
+    floor = 1e-4 * total / len(eigenvalues)  # shrinkage: no direction is treated as noise-free
+    residual = max(float(eigenvalues[rank:].mean()) if rank < len(eigenvalues) else 0.0, floor)
+    kept = np.maximum(eigenvalues[:rank], residual)
+    return vectors[:, :rank].T.astype(np.float32), kept.astype(np.float32), residual
+
+
+@register_score("msp")
+def _msp(detector: UnknownDetector, logits: np.ndarray, features: np.ndarray) -> np.ndarray:
+    from .predict import softmax
+
+    return softmax(logits, detector.temperature).max(axis=1)
+
+
+@register_score("energy")
+def _energy(detector: UnknownDetector, logits: np.ndarray, features: np.ndarray) -> np.ndarray:
+    z = logits / detector.temperature
+    top = z.max(axis=1)
+    return detector.temperature * (top + np.log(np.exp(z - top[:, None]).sum(axis=1)))
+
+
+@register_score("knn")
+def _knn(detector: UnknownDetector, logits: np.ndarray, features: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    return kth_similarity(l2_normalize(features), detector.bank, detector.k, chunk)
+
+
+def kth_similarity(queries: np.ndarray, bank: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
+    """Cosine similarity of each (normalized) query to its k-th most similar bank row."""
+    k = min(k, len(bank))
+    out = np.empty(len(queries), np.float32)
+    for start in range(0, len(queries), chunk):
+        similarity = queries[start:start + chunk] @ bank.T
+        out[start:start + chunk] = -np.partition(-similarity, k - 1, axis=1)[:, k - 1]
+    return out
+
+
+@register_score("mahalanobis")
+def _mahalanobis(detector: UnknownDetector, logits: np.ndarray, features: np.ndarray) -> np.ndarray:
+    x, means = l2_normalize(features), detector.means
+    squared = (x ** 2).sum(1)[:, None] - 2 * x @ means.T + (means ** 2).sum(1)[None]  # ||x - mu_c||^2
+    px, pm = x @ detector.components.T, means @ detector.components.T
+    inside = _weighted_squared_distance(px, pm, 1 / detector.eigenvalues)
+    plain_inside = _weighted_squared_distance(px, pm, np.ones_like(detector.eigenvalues))
+    outside = np.maximum(squared - plain_inside, 0) / detector.residual_variance
+    return -(inside + outside).min(axis=1)
+
+
+def _weighted_squared_distance(a: np.ndarray, b: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(N, C) matrix of sum_j w_j (a_ij - b_cj)^2."""
+    return ((a ** 2) @ weights)[:, None] - 2 * (a * weights) @ b.T + ((b ** 2) @ weights)[None]
+
+
+# --- calibration --------------------------------------------------------------------------------
+
+def threshold_for(scores: np.ndarray, target_tpr: float) -> float:
+    """The largest threshold that still accepts (score >= threshold) at least `target_tpr` of `scores`."""
+    ordered = np.sort(np.asarray(scores, dtype=np.float64))
+    if not len(ordered):
+        return float("-inf")
+    return float(ordered[min(len(ordered) - 1, int(np.floor((1 - target_tpr) * len(ordered))))])
+
+
+def ood_metrics(known: np.ndarray, unknown: np.ndarray) -> dict:
+    """AUROC (known = positive, higher score = known) and the FPR on unknowns at 95% TPR on knowns."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    truth = np.r_[np.ones(len(known)), np.zeros(len(unknown))]
+    scores = np.r_[known, unknown].astype(np.float64)
+    fpr, tpr, _ = roc_curve(truth, scores)
+    return {"auroc": float(roc_auc_score(truth, scores)), "fpr_at_95_tpr": float(fpr[np.searchsorted(tpr, 0.95)])}
+
+
+def calibrate(detector: UnknownDetector, val_logits: np.ndarray, val_features: np.ndarray, target_tpr: float,
+              score: str = "auto", unknown: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """Fill `detector.section`: thresholds for every score at `target_tpr`, and which score predict uses.
+
+    "auto" is knn (ahead of msp and energy on OpenOOD v1.5's far-OOD sets) unless unknown example
+    images were given: then the score with the best AUROC against them (ties keep the earlier score).
+    """
+    if score != "auto" and score not in SCORES:
+        raise UserError(f"unknown.score '{score}' is not a score; use auto or one of {', '.join(SCORES)}.")
+    if not len(val_logits):
+        raise UserError("Unknown-image calibration needs validation images; the val split is empty.")
+    val = detector.scores(val_logits, val_features)
+    thresholds = {name: threshold_for(values, target_tpr) for name, values in val.items()}
+    section = {"target_tpr": float(target_tpr), "thresholds": thresholds, "k": detector.k,
+               "bank_size": len(detector.bank), "n_val": int(len(val_logits))}
+    chosen, how = (score, "configured") if score != "auto" else ("knn", "default (no unknown examples given)")
+    if unknown is not None and len(unknown[0]):
+        examples = detector.scores(*unknown)
+        aurocs = {name: ood_metrics(val[name], examples[name])["auroc"] for name in SCORES}
+        section["example_auroc"] = aurocs
+        section["n_unknown_examples"] = int(len(unknown[0]))
+        if score == "auto":
+            chosen = max(aurocs, key=aurocs.get)
+            how = f"best AUROC on {len(unknown[0])} unknown examples vs validation images"
+    section.update(score=chosen, selected_by=how, threshold=thresholds[chosen],
+                   val_tpr=float((val[chosen] >= thresholds[chosen]).mean()))
+    detector.section = section
+    return section
+
+
+def attach(folder: str | Path, detector: UnknownDetector) -> dict:
+    """Write ood.safetensors into a bundle and its `unknown` section into effitune.json."""
+    from .bundle import update_meta
+
+    detector.save(folder)
+    return update_meta(folder, unknown=detector.section)
+
+
+def load_detector(folder: str | Path, meta: dict) -> UnknownDetector | None:
+    """The bundle's detector, or None for a bundle without unknown-image statistics."""
+    section = meta.get("unknown")
+    return UnknownDetector.load(folder, section) if section else None
+
+
+def require_detector(predictor) -> UnknownDetector:
+    detector = getattr(predictor, "unknown", None) or load_detector(predictor.folder, predictor.meta)
+    if detector is None:
+        raise UserError(f"{predictor.folder} has no unknown-image statistics (it was made before effitune "
+                        "fitted them). Re-train, or add them with effitune.ood.calibrate_bundle(bundle, "
+                        "run/manifest.csv).")
+    return detector
+
+
+# --- images -> (logits, features) ---------------------------------------------------------------
+
+def embed(predictor, sources: Iterable, batch_size: int = 64) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+    """(paths read, logits, features, paths that could not be read) for files, folders or globs."""
+    from .predict import expand_sources
+
+    paths, failed, logits, features, batch, batch_paths = [], [], [], [], [], []
+
+    def flush():
+        if batch:
+            out = predictor.run(np.stack(batch), batch_size)
+            logits.append(out[0])
+            features.append(out[1])
+            paths.extend(batch_paths)
+            batch.clear()
+            batch_paths.clear()
+
+    for path in expand_sources(sources):
+        try:
+            batch.append(predictor.preprocess(path))
+            batch_paths.append(path)
+        except Exception:  # noqa: BLE001 - an unreadable file is counted, not fatal
+            failed.append(path)
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    if not paths:
+        return paths, np.zeros((0, len(predictor.classes)), np.float32), np.zeros((0, 0), np.float32), failed
+    return paths, np.concatenate(logits), np.concatenate(features), failed
+
+
+def fit_and_attach(folder: str | Path, temperature: float, train: tuple[np.ndarray, np.ndarray],
+                   val: tuple[np.ndarray, np.ndarray, np.ndarray], target_tpr: float = 0.95, score: str = "auto",
+                   unknown: tuple[np.ndarray, np.ndarray] | None = None, seed: int = 0,
+                   bank_size: int = BANK_SIZE) -> dict:
+    """train = (features, labels), val = (logits, features, labels), unknown = (logits, features) examples."""
+    detector = UnknownDetector.fit(train[0], train[1], *val, temperature, bank_size, seed)
+    calibrate(detector, val[0], val[1], target_tpr, score, unknown)
+    return attach(folder, detector)["unknown"]
+
+
+def calibrate_bundle(bundle: str | Path, manifest: str | Path, unknown_dir: str | Path | None = None,
+                     target_tpr: float = 0.95, score: str = "auto", bank_size: int = BANK_SIZE) -> dict:
+    """Add unknown-image statistics to an existing bundle from its run's manifest (train + val splits)."""
+    from .data.split import read_manifest
+    from .predict import Predictor
+
+    predictor = Predictor(bundle)
+    rows = read_manifest(manifest)
+    label_of = {r["path"]: predictor.classes.index(r["label"]) for r in rows}
+    train_paths = [r["path"] for r in rows if r["split"] == "train"]
+    train_paths = [train_paths[i] for i in stratified_sample([label_of[p] for p in train_paths], bank_size)]
+    read, _, train_features, _ = embed(predictor, train_paths)
+    train_labels = np.array([label_of[p] for p in read])
+    read, val_logits, val_features, _ = embed(predictor, [r["path"] for r in rows if r["split"] == "val"])
+    val = (val_logits, val_features, np.array([label_of[p] for p in read]))
+    examples = embed(predictor, [unknown_dir])[1:3] if unknown_dir else None
+    return fit_and_attach(bundle, predictor.temperature, (train_features, train_labels), val, target_tpr, score,
+                          examples, bank_size=bank_size)
+
+
+# --- evaluation on known and unknown images -------------------------------------------------------
+
+def acceptance(scores: np.ndarray, threshold: float, correct: np.ndarray) -> dict:
+    """Share of known images accepted at `threshold`, and the accuracy on those (selective accuracy)."""
+    accepted = np.asarray(scores) >= threshold
+    return {"known_accepted": float(accepted.mean()) if len(accepted) else float("nan"),
+            "selective_accuracy": float(correct[accepted].mean()) if accepted.any() else float("nan")}
+
+
+def evaluate(predictor, known: str | Path, unknown: Iterable, split: str = "test") -> dict:
+    """Every score on labelled known images (a manifest's split or a folder) vs images of no class."""
+    from .evaluate.evaluate import labelled_paths
+
+    detector = require_detector(predictor)
+    label_of = dict(labelled_paths(known, split))
+    paths, logits, features, _ = embed(predictor, list(label_of))
+    _, unknown_logits, unknown_features, failed = embed(predictor, unknown)
+    if not len(paths) or not len(unknown_logits):
+        raise UserError(f"ood-eval needs readable known and unknown images; found {len(paths)} known and "
+                        f"{len(unknown_logits)} unknown ({len(failed)} unreadable).")
+    labels = np.array([predictor.classes.index(label_of[p]) for p in paths])
+    return {**evaluate_arrays(detector, (logits, features, labels), (unknown_logits, unknown_features)),
+            "n_unreadable": len(failed)}
+
+
+def evaluate_arrays(detector: UnknownDetector, known: tuple[np.ndarray, np.ndarray, np.ndarray],
+                    unknown: tuple[np.ndarray, np.ndarray]) -> dict:
+    """known = (logits, features, labels), unknown = (logits, features). Per score: AUROC, FPR at 95%
+    TPR, and at the bundle's calibrated threshold the share of known images accepted, their accuracy
+    (selective accuracy) and the share of unknown images rejected."""
+    correct = known[0].argmax(1) == known[2]
+    known_scores, unknown_scores = detector.scores(*known[:2]), detector.scores(*unknown)
+    rows = {}
+    for name in SCORES:
+        threshold = detector.section["thresholds"][name]
+        rows[name] = {**ood_metrics(known_scores[name], unknown_scores[name]),
+                      **acceptance(known_scores[name], threshold, correct),
+                      "unknown_rejected": float((unknown_scores[name] < threshold).mean()), "threshold": threshold}
+    return {"n_known": int(len(correct)), "n_unknown": int(len(unknown[0])), "accuracy": float(correct.mean()),
+            "score_used": detector.score_name, "target_tpr": detector.section["target_tpr"], "scores": rows}

@@ -1,1 +1,0 @@
-"""effitune.train"""

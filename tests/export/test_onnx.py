@@ -1,0 +1,164 @@
+"""ONNX export: parity with PyTorch is checked and recorded, a disagreeing graph is never written.
+
+One real (dynamo) export per session (`exported_run`); tests that need another export reuse that graph
+through `reuse_graph`, so the whole file stays fast.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import make_colour_dataset
+
+from effitune import bundle as bundles
+from effitune.data.split import manifest_hash, write_manifest
+from effitune.errors import UserError
+from effitune.export import onnx as onnx_export
+from effitune.export.onnx import export_onnx
+from effitune.models.backbones import create_backbone
+from effitune.models.network import Network
+from effitune.predict import OnnxEngine, Predictor
+
+SIZE = 32
+
+
+def make_run(root: Path, per_class: int = 12) -> Path:
+    """A run folder as `effitune train` leaves it: manifest.csv + a (random-init) model/ bundle."""
+    data = make_colour_dataset(root / "data", per_class=per_class)
+    rows = []
+    for path in sorted(data.rglob("*.png")):
+        index = int(path.stem.rsplit("_", 1)[1])
+        split = "train" if index < per_class // 2 else "val" if index < 3 * per_class // 4 else "test"
+        rows.append({"path": str(path), "label": path.parent.name, "split": split,
+                     "sha1": hashlib.sha1(path.read_bytes()).hexdigest(), "width": 48, "height": 40})
+    manifest = write_manifest(rows, root / "manifest.csv")
+    torch.manual_seed(0)
+    classes = sorted({row["label"] for row in rows})
+    backbone, _ = create_backbone("tf_efficientnet_lite0", len(classes), pretrained=False)
+    network = Network(backbone, (0.5,) * 3, (0.5,) * 3).eval()
+    meta = {"classes": classes, "backbone": "tf_efficientnet_lite0", "manifest_sha1": manifest_hash(manifest),
+            "preprocessing": {"size": SIZE, "mean": [0.5] * 3, "std": [0.5] * 3}, "metrics": {"accuracy": 0.4}}
+    return bundles.save_bundle(root / "model", network.state_dict(), meta)
+
+
+def copy_run(bundle: Path, destination: Path, keep: tuple[str, ...] = ()) -> Path:
+    """Copy of the run (manifest + bundle) with only the `keep` exported files."""
+    destination.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(bundle.parent / "manifest.csv", destination / "manifest.csv")
+    shutil.copytree(bundle, destination / "model", ignore=shutil.ignore_patterns("model*.onnx"))
+    for name in keep:
+        shutil.copyfile(bundle / name, destination / "model" / name)
+    if not keep:
+        meta = bundles.read_meta(destination / "model")
+        meta.pop("export", None)
+        (destination / "model" / bundles.META_FILE).write_text(json.dumps(meta))
+    return destination / "model"
+
+
+@functools.cache
+def _exported(basetemp: Path) -> Path:
+    bundle = make_run(Path(basetemp) / "exported")
+    export_onnx(bundle)
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def exported_run(tmp_path_factory) -> Path:
+    """A run whose bundle holds a real model.onnx (exported once per session; tests copy it to change it)."""
+    return _exported(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture
+def reuse_graph(exported_run, monkeypatch):
+    """Make `to_onnx` return the session's exported graph instead of exporting again."""
+    graph = onnx.load(exported_run / "model.onnx")
+    monkeypatch.setattr(onnx_export, "to_onnx", lambda network, size: (graph, "dynamo"))
+    return graph
+
+
+def images(n: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
+
+
+def test_export_has_two_outputs_dynamic_batch_and_preprocessing(exported_run):
+    model = onnx.load(exported_run / "model.onnx")
+    assert [i.name for i in model.graph.input] == ["images"]
+    assert [o.name for o in model.graph.output] == ["logits", "features"]
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    props = {p.key: json.loads(p.value) for p in model.metadata_props}
+    assert props["size"] == SIZE and props["mean"] == [0.5] * 3 and props["classes"] == ["blue", "green", "red"]
+    assert "center crop" in props["resize"]
+    engine = OnnxEngine(exported_run / "model.onnx")
+    for n in (1, 5):
+        logits, features = engine.run(images(n))
+        assert logits.shape == (n, 3) and features.shape == (n, 1280)
+
+
+def test_parity_is_measured_on_the_runs_images_and_recorded(exported_run):
+    record = bundles.read_meta(exported_run)["export"]["onnx"]
+    parity = record["parity"]
+    assert parity["passed"] and parity["images"] == "test-split images" and parity["n"] == 9
+    assert parity["max_abs_logit_diff"] < 1e-3 and parity["top1_agreement"] == 1.0
+    assert record["bytes"] == (exported_run / "model.onnx").stat().st_size and record["exporter"] == "dynamo"
+
+
+def test_disagreeing_export_is_refused_and_nothing_is_left(exported_run, reuse_graph, tmp_path):
+    bundle = copy_run(exported_run, tmp_path / "run")
+    gemm = next(node for node in reuse_graph.graph.node if node.op_type == "Gemm")
+    weight = next(t for t in reuse_graph.graph.initializer if t.name == gemm.input[1])  # the classifier
+    perturbed = onnx.numpy_helper.to_array(weight) * np.float32(1.01)  # a 1% error: what a broken op might do
+    weight.CopyFrom(onnx.numpy_helper.from_array(perturbed, weight.name))
+    with pytest.raises(UserError, match="model.onnx not written: ONNX Runtime disagrees with PyTorch"):
+        export_onnx(bundle)
+    assert sorted(p.name for p in bundle.iterdir() if "onnx" in p.name) == []
+    assert "export" not in bundles.read_meta(bundle)
+
+
+def test_predictor_backends_agree(exported_run):
+    batch = images(6)
+    torch_logits, torch_features = Predictor(exported_run, backend="torch").run(batch)
+    auto = Predictor(exported_run)
+    assert auto.backend == "onnx"  # model.onnx present, CPU
+    onnx_logits, onnx_features = auto.run(batch)
+    assert (onnx_logits.argmax(1) == torch_logits.argmax(1)).all()
+    np.testing.assert_allclose(onnx_logits, torch_logits, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(onnx_features, torch_features, atol=1e-3, rtol=1e-3)
+
+
+def test_missing_backend_file_names_the_command(exported_run, tmp_path):
+    bundle = copy_run(exported_run, tmp_path / "run")
+    assert Predictor(bundle).backend == "torch"
+    with pytest.raises(UserError, match="effitune export .* --int8"):
+        Predictor(bundle, backend="int8")
+    with pytest.raises(UserError, match="Choose one of: auto, torch"):
+        Predictor(bundle, backend="tensorrt")
+
+
+def test_without_manifest_given_samples_or_noise_with_a_warning(exported_run, reuse_graph, tmp_path):
+    lone = tmp_path / "lone"
+    shutil.copytree(exported_run, lone, ignore=shutil.ignore_patterns("model*.onnx"))
+    result = export_onnx(lone, samples=images(8))
+    assert result["onnx"]["parity"]["images"] == "given images" and result["onnx"]["parity"]["n"] == 8
+    with pytest.warns(UserWarning, match="random noise"):
+        result = export_onnx(lone)
+    assert result["onnx"]["parity"]["images"] == "random-noise images"
+    with pytest.raises(UserError, match="shape"):
+        export_onnx(lone, samples=images(2)[:, :16])
+
+
+def test_fp16_keeps_float32_inputs_and_passes_its_gate(exported_run, reuse_graph, tmp_path):
+    bundle = copy_run(exported_run, tmp_path / "run")
+    result = export_onnx(bundle, fp16=True)["fp16"]
+    assert result["parity"]["passed"] and result["bytes"] < 0.6 * (bundle / "model.onnx").stat().st_size
+    model = onnx.load(bundle / "model.fp16.onnx")
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert Predictor(bundle, backend="fp16").logits(images(2)).dtype == np.float32
+    assert set(bundles.read_meta(bundle)["export"]) == {"onnx", "fp16"}

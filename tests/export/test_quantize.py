@@ -1,0 +1,53 @@
+"""INT8 static quantization: calibrated on the run's training images, accuracy re-measured and recorded."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from test_onnx import copy_run, exported_run, images  # noqa: F401 - exported_run is a fixture
+
+from effitune import bundle as bundles
+from effitune.errors import UserError
+from effitune.export.quantize import quantize_int8
+from effitune.predict import Predictor
+
+
+@pytest.fixture(scope="module")
+def quantized(exported_run, tmp_path_factory):
+    bundle = copy_run(exported_run, tmp_path_factory.mktemp("int8") / "run", keep=("model.onnx",))
+    return bundle, quantize_int8(bundle)
+
+
+def test_int8_is_smaller_and_its_accuracy_is_recorded(quantized):
+    bundle, result = quantized
+    record = bundles.read_meta(bundle)["export"]["int8"]
+    assert record == result
+    assert (bundle / "model.int8.onnx").stat().st_size == record["bytes"] < 0.4 * record["onnx_bytes"]
+    assert record["calibration"] == {"images": 18, "source": "train split (manifest.csv)"}
+    assert record["accuracy_images"] == 9 and 0 <= record["accuracy"] <= 1 and 0 <= record["onnx_accuracy"] <= 1
+    assert record["drop_points"] == pytest.approx(100 * (record["onnx_accuracy"] - record["accuracy"]), abs=0.01)
+    assert record["settings"]["weights"] == "int8 per-channel" and record["settings"]["float_nodes"] == []
+
+
+def test_int8_backend_serves_predictions(quantized):
+    bundle, _ = quantized
+    predictor = Predictor(bundle, backend="int8")
+    logits, features = predictor.run(images(3))
+    assert logits.shape == (3, 3) and features.shape == (3, 1280) and np.isfinite(logits).all()
+
+
+def test_int8_needs_the_fp32_export_first(exported_run, tmp_path):
+    bundle = copy_run(exported_run, tmp_path / "run")
+    with pytest.raises(UserError, match="model.onnx is missing"):
+        quantize_int8(bundle)
+
+
+def test_without_manifest_calibration_folder_is_required(exported_run, tmp_path):
+    lone = tmp_path / "lone"
+    shutil.copytree(exported_run, lone, ignore=shutil.ignore_patterns("model.int8.onnx"))
+    with pytest.raises(UserError, match="--calibration DIR"):
+        quantize_int8(lone)
+    result = quantize_int8(lone, exported_run.parent / "data" / "red", images=8)
+    assert result["calibration"]["images"] == 8 and result["accuracy"] is None  # no labelled test split
+    assert 0 <= result["top1_agreement"] <= 1 and (lone / "model.int8.onnx").is_file()

@@ -1,0 +1,200 @@
+"""Unknown images and drift: calibration on synthetic arrays, then a tiny real bundle through the CLI."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import make_colour_dataset
+from effitune import bundle as bundles
+from effitune import drift, ood
+from effitune.cli import app
+from effitune.models.backbones import create_backbone
+from effitune.models.network import Network
+from effitune.predict import Predictor
+from test_bundle import save_random_bundle
+
+runner = CliRunner()
+
+
+def clusters(n_per_class: int, classes: int = 4, dim: int = 32, seed: int = 0, shift: float = 0.0):
+    """(logits, features, labels): Gaussian class clusters; logits from a matching linear head."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).normal(0, 1, (classes, dim)) * 3
+    labels = np.repeat(np.arange(classes), n_per_class)
+    features = centres[labels] + rng.normal(0, 1, (len(labels), dim)) + shift
+    return (features @ centres.T / dim).astype(np.float32), features.astype(np.float32), labels
+
+
+@pytest.fixture(scope="module")
+def detector():
+    _, train_features, train_labels = clusters(300, seed=1)
+    val_logits, val_features, val_labels = clusters(250, seed=2)
+    found = ood.UnknownDetector.fit(train_features, train_labels, val_logits, val_features, val_labels, 1.5,
+                                    bank_size=600)
+    ood.calibrate(found, val_logits, val_features, 0.9)
+    return found, (val_logits, val_features)
+
+
+@pytest.mark.parametrize("target", [0.8, 0.9, 0.95, 0.99])
+def test_threshold_keeps_the_target_share(target):
+    scores = np.random.default_rng(0).normal(size=1000)
+    assert (scores >= ood.threshold_for(scores, target)).mean() == pytest.approx(target, abs=0.01)
+
+
+def test_calibration_keeps_the_target_share_of_validation_for_every_score(detector):
+    found, (val_logits, val_features) = detector
+    val = found.scores(val_logits, val_features)
+    assert set(val) == {"msp", "energy", "knn", "mahalanobis"}
+    for name, values in val.items():
+        kept = (values >= found.section["thresholds"][name]).mean()
+        assert kept == pytest.approx(0.9, abs=0.01), name
+    assert found.section["score"] == "knn" and found.section["val_tpr"] == pytest.approx(0.9, abs=0.01)
+    # fresh images of the same distribution are accepted at about the same rate
+    logits, features, _ = clusters(250, seed=3)
+    assert (~found.is_unknown(found.score(logits, features))).mean() == pytest.approx(0.9, abs=0.04)
+
+
+def test_feature_scores_separate_far_features(detector):
+    found, (val_logits, val_features) = detector
+    far_logits, far_features, _ = clusters(100, seed=4, shift=8.0)
+    known, unknown = found.scores(val_logits, val_features), found.scores(far_logits, far_features)
+    for name in ("knn", "mahalanobis"):
+        assert ood.ood_metrics(known[name], unknown[name])["auroc"] > 0.99, name
+
+
+def test_auto_picks_the_best_score_on_unknown_examples(detector):
+    found, (val_logits, val_features) = detector
+    examples = clusters(50, seed=5, shift=8.0)[:2]
+    section = ood.calibrate(found, val_logits, val_features, 0.9, "auto", examples)
+    assert section["score"] == max(section["example_auroc"], key=section["example_auroc"].get)
+    assert section["n_unknown_examples"] == 200
+    ood.calibrate(found, val_logits, val_features, 0.9)  # back to the default for the other tests
+
+
+def test_saved_detector_scores_the_same(detector, tmp_path):
+    found, (val_logits, val_features) = detector
+    found.save(tmp_path)
+    loaded = ood.UnknownDetector.load(tmp_path, found.section)
+    for name, values in found.scores(val_logits, val_features).items():
+        np.testing.assert_allclose(loaded.scores(val_logits, val_features)[name], values, rtol=1e-5, atol=1e-5)
+    assert (tmp_path / ood.OOD_FILE).stat().st_size < 200_000
+
+
+def test_stratified_sample_follows_the_class_mix():
+    labels = np.repeat([0, 1, 2], [600, 300, 100])
+    chosen = ood.stratified_sample(labels, 100)
+    assert np.bincount(labels[chosen]).tolist() == [60, 30, 10]
+    matched = ood.stratified_sample(labels, 1000, shares=np.array([1, 1, 1]) / 3)
+    assert np.bincount(labels[matched]).tolist() == [100, 100, 100]
+
+
+def test_mmd_permutation_test():
+    rng = np.random.default_rng(0)
+    same = ood.l2_normalize(rng.normal(size=(200, 16))), ood.l2_normalize(rng.normal(size=(200, 16)))
+    shifted = ood.l2_normalize(rng.normal(size=(200, 16)) + 0.5)
+    assert drift.mmd_permutation_test(*same)[1] > drift.ALPHA
+    score, p_value, null = drift.mmd_permutation_test(shifted, same[1])
+    assert p_value < drift.ALPHA and score > null
+
+
+def test_drift_report_on_arrays(detector):
+    found, _ = detector
+    classes = list("abcd")
+    held_out = drift.drift_report(found, classes, *clusters(100, seed=6)[:2])
+    shifted = drift.drift_report(found, classes, *clusters(100, seed=7, shift=8.0)[:2])
+    assert held_out["verdict"] == "no drift detected" and abs(held_out["drift_score"]) < 0.01
+    assert shifted["verdict"] == "strong" and shifted["unknown_share"] > 0.9
+    assert [row["class"] for row in shifted["per_class"]] == classes
+
+
+# --- a tiny real bundle: packaged ImageNet backbone, random head, statistics from colour images ----
+
+def images_in(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*.png"))
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ood")
+    data = make_colour_dataset(root / "data", per_class=30, size=(40, 40))
+    classes = sorted(p.name for p in data.iterdir())
+    torch.manual_seed(0)
+    backbone, _ = create_backbone("tf_efficientnet_lite0", len(classes))
+    network = Network(backbone, (0.5,) * 3, (0.5,) * 3).eval()
+    meta = {"classes": classes, "backbone": "tf_efficientnet_lite0",
+            "preprocessing": {"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}}
+    folder = bundles.save_bundle(root / "model", network.state_dict(), meta)
+    predictor = Predictor(folder)
+    parts = {}
+    for name, remainder in (("train", 0), ("val", 1), ("held_out", 2)):
+        chosen = [p for p in images_in(data) if int(p.stem.split("_")[-1]) % 3 == remainder]
+        logits, features = predictor.run(np.stack([predictor.preprocess(p) for p in chosen]))
+        parts[name] = (chosen, logits, features, np.array([classes.index(p.parent.name) for p in chosen]))
+    ood.fit_and_attach(folder, 1.0, (parts["train"][2], parts["train"][3]), parts["val"][1:], target_tpr=0.95)
+    noise = root / "noise"
+    noise.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(noise / f"noise_{i:02d}.png")
+    held_out = root / "held_out"
+    for path in parts["held_out"][0]:
+        (held_out / path.parent.name).mkdir(parents=True, exist_ok=True)
+        (held_out / path.parent.name / path.name).write_bytes(path.read_bytes())
+    return folder, held_out, noise
+
+
+def predict_json(*args) -> list[dict]:
+    result = runner.invoke(app, ["predict", *map(str, args), "--json"])
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_bundle_carries_the_unknown_section(tiny_bundle):
+    folder, _, _ = tiny_bundle
+    section = json.loads((folder / "effitune.json").read_text())["unknown"]
+    assert section["score"] == "knn" and section["target_tpr"] == 0.95 and section["val_tpr"] >= 0.95
+    assert (folder / ood.OOD_FILE).is_file()
+
+
+def test_predict_json_reports_unknown_and_no_reject_keeps_the_class(tiny_bundle):
+    folder, held_out, noise = tiny_bundle
+    known_file, noise_file = images_in(held_out)[0], images_in(noise)[0]
+    rejected = predict_json(folder, known_file, noise_file)
+    keys = {"path", "label", "probability", "top_k", "unknown", "unknown_score", "score_name"}
+    assert all(set(line) == keys for line in rejected)
+    assert rejected[0]["unknown"] is False and rejected[0]["label"] is not None
+    assert rejected[1]["unknown"] is True and rejected[1]["label"] is None and rejected[1]["score_name"] == "knn"
+    kept = predict_json(folder, known_file, noise_file, "--no-reject")
+    assert kept[1]["unknown"] is True and kept[1]["label"] == kept[1]["top_k"][0]["label"]
+    assert [line["unknown_score"] for line in kept] == pytest.approx([line["unknown_score"] for line in rejected])
+
+
+def test_ood_eval_json(tiny_bundle):
+    folder, held_out, noise = tiny_bundle
+    result = runner.invoke(app, ["ood-eval", str(folder), "--known", str(held_out), "--unknown", str(noise), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["n_unknown"] == 20 and set(report["scores"]) == set(ood.SCORES)
+    assert report["scores"]["knn"]["auroc"] > 0.95
+    assert {"fpr_at_95_tpr", "selective_accuracy", "known_accepted", "unknown_rejected"} <= set(report["scores"]["knn"])
+
+
+@pytest.mark.parametrize("which, verdicts", [("held_out", {"no drift detected"}), ("noise", {"strong"})])
+def test_drift_cli(tiny_bundle, which, verdicts):
+    folder, held_out, noise = tiny_bundle
+    result = runner.invoke(app, ["drift", str(folder), str({"held_out": held_out, "noise": noise}[which]), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["verdict"] in verdicts, report["message"]
+    if which == "held_out":
+        assert abs(report["drift_score"]) < 0.05 and report["unknown_share"] < 0.2
+
+
+def test_drift_without_statistics_is_a_clear_error(tmp_path):
+    save_random_bundle(tmp_path / "model")
+    result = runner.invoke(app, ["drift", str(tmp_path / "model"), str(tmp_path)])
+    assert result.exit_code == 2 and "no unknown-image statistics" in result.output
