@@ -27,7 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from effitune.data.cache import ImageCache
-from effitune.data.datamodule import ImageDataset
+from effitune.data.datamodule import ImageDataset, collate_batched
 from effitune.data.images import load_for_model
 from effitune.data.scan import load_ok_records, scan
 
@@ -62,18 +62,22 @@ class DecodeEveryEpoch(Dataset):
 
 
 def epoch_rate(dataset, workers: int, batch: int = 64) -> float:
-    loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers)
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, collate_fn=collate_batched)
     started = time.perf_counter()
     n = sum(len(x) for x, _ in loader)
     return n / (time.perf_counter() - started)
 
 
 def rss_of_scan(root: Path, out: Path) -> dict:
-    """Scan in a fresh process; report its own peak RSS and its largest child's (MiB)."""
-    code = ("import json, resource, sys; from effitune.data.scan import scan; "
+    """Scan in a fresh process; report its own peak RSS and its largest child's (MiB).
+
+    The process's own peak is VmHWM from /proc (ru_maxrss would carry over the benchmark's own peak
+    through fork + exec).
+    """
+    code = ("import json, re, resource, sys; from effitune.data.scan import scan; "
             "r = scan(sys.argv[1], out=sys.argv[2], progress=False); "
-            "print(json.dumps({'ok': r.counts['ok'], "
-            "'self_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "
+            "hwm = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); "
+            "print(json.dumps({'ok': r.counts['ok'], 'self_mib': hwm / 1024, "
             "'worker_mib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))")
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", code, str(root), str(out)], capture_output=True, text=True,
@@ -84,6 +88,8 @@ def rss_of_scan(root: Path, out: Path) -> dict:
 
 
 def main() -> None:
+    import warnings
+    warnings.filterwarnings("ignore", message=".*not writable.*")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--rss-small", type=int, default=10_000)
