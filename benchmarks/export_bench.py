@@ -132,7 +132,8 @@ def main() -> None:
 
     if args.official_test:
         paths, names = official_test(args.out, args.official_test)
-        held_out = Table("model", "fp32 ONNX", "INT8", "drop (points)", title=f"official test part, {len(paths)} images")
+        held_out = Table("model", "fp32 ONNX", "INT8", "drop (points)",
+                         title=f"official test part, {len(paths)} images")
         report["official_test"] = {}
         for bundle in bundle_paths:
             scores = held_out_accuracy(bundle, paths, names)
@@ -141,7 +142,8 @@ def main() -> None:
                              f"{100 * (scores['onnx'] - scores['int8']):.2f}")
         console.print(held_out)
         report["int8_ablation"] = int8_ablation(bundle_paths[0], paths, names, args.out, args.runs)
-        ablation = Table("INT8 variant", "accuracy", "size MB", "p50 ms", title=f"{bundle_paths[0]}, {len(paths)} images")
+        ablation = Table("INT8 variant", "accuracy", "size MB", "p50 ms",
+                         title=f"{bundle_paths[0]}, {len(paths)} images")
         for row in report["int8_ablation"]:
             ablation.add_row(row["variant"], f"{row['accuracy']:.4f}", f"{row['bytes'] / 1e6:.1f}",
                              f"{row['latency_p50_ms']:.2f}")

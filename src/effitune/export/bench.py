@@ -97,10 +97,12 @@ def plot(rows: list[dict], path: str | Path) -> Path:
     colours = {"torch": "tab:red", "onnx": "tab:blue", "fp16": "tab:purple", "int8": "tab:green"}
     for index, row in enumerate(r for r in rows if r["accuracy"] is not None):
         axes.scatter(row["latency_p50_ms"], 100 * row["accuracy"], s=20 + 12 * row["bytes"] / 1e6, alpha=0.6,
-                     color=colours.get(row["backend"], "tab:gray"), edgecolors="black", linewidths=0.5)
-        axes.annotate(f"{row['model']} {row['backend']} ({row['bytes'] / 1e6:.1f} MB)",
-                      (row["latency_p50_ms"], 100 * row["accuracy"]), textcoords="offset points",
-                      xytext=(6, 10 * (index % 3) - 8), fontsize=8)  # staggered: equal accuracies stay legible
+                     color=colours.get(row["backend"], "tab:gray"), edgecolors="black", linewidths=0.5,
+                     label=row["backend"])
+        axes.annotate(f"{row['model']}, {row['bytes'] / 1e6:.0f} MB", (row["latency_p50_ms"], 100 * row["accuracy"]),
+                      textcoords="offset points", xytext=(6, 9 * (index % 3) - 8), fontsize=7)  # staggered
+    handles = dict(zip(*reversed(axes.get_legend_handles_labels())))  # one entry per backend
+    axes.legend(handles.values(), handles.keys(), title="backend", loc="lower right", markerscale=0.5)
     axes.set_xscale("log")
     axes.margins(x=0.3, y=0.15)
     axes.set_xlabel("batch-1 latency p50 (ms, log scale)")

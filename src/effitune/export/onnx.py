@@ -168,7 +168,8 @@ def write_checked(model: onnx.ModelProto, path: Path, images: np.ndarray,
             raise UserError(
                 f"{path.name} not written: ONNX Runtime disagrees with PyTorch on {parity['n']} {described} "
                 f"(max |logit difference| {parity['max_abs_logit_diff']:.2e}, allowed "
-                f"{parity['tolerance']['allowed_max_abs_logit_diff']:.1e}; top-1 agreement {parity['top1_agreement']:.1%}, "
+                f"{parity['tolerance']['allowed_max_abs_logit_diff']:.1e}; top-1 agreement "
+                f"{parity['top1_agreement']:.1%}, "
                 f"needed {parity['tolerance']['min_top1_agreement']:.0%}). Keep serving with the PyTorch backend "
                 "and report the backbone and versions (torch, onnx, onnxruntime) as a bug.")
         temporary.replace(path)
