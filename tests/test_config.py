@@ -24,6 +24,7 @@ def test_unknown_key_suggests(tmp_path):
     ({"data.val": 0.6, "data.test": 0.5}, "sum below 1"),
     ({"data.augment": "heavy"}, "not a recipe"),
     ({"train.unfreeze": "some"}, "must be auto"),
+    ({"unknown.score": "knnn"}, "mahalanobis"),
 ])
 def test_invalid_values_rejected(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment):

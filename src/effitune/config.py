@@ -73,7 +73,7 @@ class TrainConfig:
 @dataclass
 class UnknownConfig:
     target_tpr: float = 0.95  # share of known validation images that must still be accepted
-    score: str = "auto"  # msp | energy | knn | auto (best on --unknown-dir, else knn)
+    score: str = "auto"  # msp | energy | knn | mahalanobis | auto (best on --unknown-dir, else knn)
 
 
 @dataclass
@@ -148,6 +148,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.unfreeze '{t.unfreeze}' must be auto, all or a whole number of stages (0 = head only).")
     if (t.batch_size is not None and t.batch_size < 1) or t.cache_views < 1:
         raise ConfigError("train.batch_size and train.cache_views must be at least 1.")
+    if config.unknown.score not in ("auto", "msp", "energy", "knn", "mahalanobis"):
+        raise ConfigError(f"unknown.score '{config.unknown.score}' must be auto, msp, energy, knn or mahalanobis.")
     if not 0 < config.unknown.target_tpr <= 1:
         raise ConfigError(f"unknown.target_tpr ({config.unknown.target_tpr}) must be in (0, 1].")
 
