@@ -34,6 +34,10 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, split: str = "test", p
     if unknown:
         raise UserError(f"{data} has classes the model does not know: {unknown[:5]}. The bundle knows "
                         f"{predictor.classes[:10]}{'...' if len(predictor.classes) > 10 else ''}.")
-    images = np.stack([predictor.preprocess(path) for path, _ in pairs])
-    labels = np.array([predictor.classes.index(label) for _, label in pairs])
-    return classification_metrics(predictor.probabilities(images), labels, predictor.classes)
+    index = {name: i for i, name in enumerate(predictor.classes)}
+    labels = np.array([index[label] for _, label in pairs])
+    chunk = 256  # images in RAM at a time: evaluation memory does not grow with the data set
+    probabilities = np.concatenate([
+        predictor.probabilities(np.stack([predictor.preprocess(path) for path, _ in pairs[i:i + chunk]]))
+        for i in range(0, len(pairs), chunk)]) if pairs else np.zeros((0, len(predictor.classes)))
+    return classification_metrics(probabilities, labels, predictor.classes)
