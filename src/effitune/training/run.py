@@ -103,7 +103,7 @@ def train(data: str | Path | None = None, *, out: str | Path = "runs/run", confi
                                  augment=config.data.augment, balance=config.data.balance,
                                  workers=config.data.workers, seed=config.data.seed,
                                  device_augment=_device(config) == "cuda")
-    phase_log = _train_phases(network, datamodule, config, paths, started)
+    phase_log = _train_phases(network, datamodule, config, paths, started, progress)
     metrics = _evaluate_and_bundle(network, datamodule, config, paths, classes, weight_source, phase_log,
                                    started, unknown_dir)
     report_after_training(paths.root, device=_device(config), cache=cache.folder.parent)  # warns, never raises
@@ -181,7 +181,7 @@ def _device(config: Config) -> str:
 
 
 def _train_phases(network: Network, datamodule: ImageDataModule, config: Config, paths: RunPaths,
-                  started: float) -> list[dict]:
+                  started: float, progress: bool = True) -> list[dict]:
     state = _read_state(paths)
     depths = resolve_depths(config.train.unfreeze, config.train.max_unfreeze, network.num_stages)
     phases = [Phase(None)] + [Phase(d) for d in depths]
@@ -193,7 +193,7 @@ def _train_phases(network: Network, datamodule: ImageDataModule, config: Config,
             network.load_state_dict(load_file(paths.phases / f"{state['best']}.safetensors"))
         if _should_stop_deeper(phase, state, config, started):
             break
-        result = _fit_phase(network, phase, datamodule, inputs, config, paths)
+        result = _fit_phase(network, phase, datamodule, inputs, config, paths, progress)
         save_file({k: v.contiguous() for k, v in network.state_dict().items()},
                   paths.phases / f"{phase.name}.safetensors")
         state["done"][phase.name] = result
@@ -267,7 +267,8 @@ def _loaders(phase: Phase, datamodule: ImageDataModule, inputs: dict, config: Co
     return (datamodule.train_dataloader(), datamodule.val_dataloader()), "images", []
 
 
-def _fit_phase(network, phase: Phase, datamodule, inputs, config: Config, paths: RunPaths) -> dict:
+def _fit_phase(network, phase: Phase, datamodule, inputs, config: Config, paths: RunPaths,
+               progress: bool = True) -> dict:
     began = time.perf_counter()
     (train_loader, val_loader), kind, extra_callbacks = _loaders(phase, datamodule, inputs, config)
     stage: StageConfig = config.train.stage1 if phase.stage == 1 else config.train.stage2
@@ -282,12 +283,14 @@ def _fit_phase(network, phase: Phase, datamodule, inputs, config: Config, paths:
     checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val_acc", mode="max",
                                  save_top_k=1, save_last=True)
     callbacks = [checkpoint, EarlyStopping("val_acc", mode="max", patience=stage.patience),
-                 HistoryWriter(paths.history, phase.name, phase.stage), *extra_callbacks,
-                 RichProgressBar(console_kwargs={"stderr": True})]  # stdout stays clean for --json
+                 HistoryWriter(paths.history, phase.name, phase.stage), *extra_callbacks]
+    if progress:
+        callbacks.append(RichProgressBar(console_kwargs={"stderr": True}))  # stdout stays clean for --json
     trainer = L.Trainer(max_epochs=stage.epochs, accelerator=config.train.accelerator,
                         devices=_devices(config.train.devices), precision=_precision(config),
                         callbacks=callbacks, logger=CSVLogger(paths.root, name="logs", version=phase.name),
                         num_sanity_val_steps=0, enable_model_summary=False, log_every_n_steps=10,
+                        enable_progress_bar=progress,
                         default_root_dir=paths.root)
     last = checkpoint_dir / "last.ckpt"
     trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if last.is_file() else None)
