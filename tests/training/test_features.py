@@ -1,5 +1,6 @@
 """Frozen-prefix caching is exact: cached activations equal the frozen layers' live output."""
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -11,7 +12,8 @@ from effitune.models.network import Network
 from effitune.training.features import compute_activations
 
 
-def test_cached_activations_match_live_forward(tmp_path):
+@pytest.mark.parametrize("engine", ["auto", "torch"])  # auto = ONNX Runtime on the CPU
+def test_cached_activations_match_live_forward(tmp_path, engine):
     rng = np.random.default_rng(0)
     paths = []
     for i in range(5):
@@ -24,7 +26,8 @@ def test_cached_activations_match_live_forward(tmp_path):
     backbone, _ = create_backbone("tf_efficientnet_lite0", 3, pretrained=False)
     network = Network(backbone, (0.5,) * 3, (0.5,) * 3).eval()
     dataset = ImageDataset(cache, keys, np.zeros(5, dtype=np.int64), build_augmentation("standard", 64))
-    cached = compute_activations(network, dataset, [1, 2], tmp_path / "features", views=2, batch_size=2)
+    cached = compute_activations(network, dataset, [1, 2], tmp_path / "features", views=2, batch_size=2,
+                                 engine=engine)
     assert cached["depth1"].shape[:2] == (2, 5) and cached["pooled"].shape[:2] == (2, 5)
     images = torch.from_numpy(cache.stack(keys)).permute(0, 3, 1, 2)
     with torch.inference_mode():
