@@ -1,0 +1,119 @@
+"""CPU wall time to a test accuracy: effitune (defaults) vs a plain timm + PyTorch two-stage loop.
+
+The plain loop is what a tutorial notebook does: decode + augment every image every epoch, run the
+frozen backbone forward at every step, stage 1 (head, 8 epochs) then stage 2 (the last three stages +
+conv head, BN frozen, LR x0.1, 12 epochs). Same images, same split (effitune's manifest), same
+backbone and weights, same resolution, one run:
+
+    python benchmarks/time_to_accuracy.py --data demo/fashion-mnist --out /tmp/tta
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+import effitune
+from effitune.data.split import read_manifest
+from effitune.models.backbones import create_backbone
+
+
+class Files(Dataset):
+    def __init__(self, rows, classes, transform):
+        self.rows, self.transform = rows, transform
+        self.index = {name: i for i, name in enumerate(classes)}
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        row = self.rows[i]
+        return self.transform(Image.open(row["path"]).convert("RGB")), self.index[row["label"]]
+
+
+def plain_loop(rows, classes, size: int, epochs1: int, epochs2: int, depth: int) -> dict:
+    torch.manual_seed(0)
+    model, _ = create_backbone("tf_efficientnet_lite0", len(classes))
+    common = [v2.PILToTensor(), v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+              v2.CenterCrop(size)]
+    normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)]
+    train_tf = v2.Compose(common + [v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True),
+                                    v2.RandomHorizontalFlip()] + normalize)
+    eval_tf = v2.Compose(common + normalize)
+    part = lambda name: [r for r in rows if r["split"] == name]  # noqa: E731
+    train = DataLoader(Files(part("train"), classes, train_tf), batch_size=64, shuffle=True, num_workers=1)
+    test = DataLoader(Files(part("test"), classes, eval_tf), batch_size=128, num_workers=1)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    timings = {}
+
+    def run_stage(name, modules, lr, epochs):
+        model.requires_grad_(False)
+        for module in modules:
+            module.requires_grad_(True)
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.requires_grad_(False)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(train))
+        started = time.perf_counter()
+        for _ in range(epochs):
+            model.eval()  # frozen layers and all BatchNorm in inference mode
+            for module in modules:
+                module.train()
+            for module in model.modules():
+                if isinstance(module, torch.nn.BatchNorm2d):
+                    module.eval()
+            for x, y in train:
+                loss = loss_fn(model(x), y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+        timings[name] = round(time.perf_counter() - started, 1)
+
+    run_stage("stage1", [model.get_classifier()], 3e-3, epochs1)
+    run_stage("stage2", [*model.blocks[-depth:], model.conv_head, model.get_classifier()], 3e-4, epochs2)
+    model.eval()
+    correct = total = 0
+    with torch.inference_mode():
+        for x, y in test:
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    return {"seconds": timings, "wall_seconds": round(sum(timings.values()), 1), "test_accuracy": correct / total}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/effitune-tta"))
+    parser.add_argument("--epochs1", type=int, default=8)
+    parser.add_argument("--epochs2", type=int, default=12)
+    parser.add_argument("--depth", type=int, default=3)
+    args = parser.parse_args()
+    os.environ.setdefault("EFFITUNE_CACHE", str(args.out / "cache"))
+    started = time.perf_counter()
+    run = effitune.train(args.data, out=args.out / "run", progress=False)
+    effitune_wall = time.perf_counter() - started
+    meta = json.loads((run.bundle / "effitune.json").read_text())
+    rows = read_manifest(run.run_dir / "manifest.csv")
+    result = {"machine": f"{os.cpu_count()} cores", "size": meta["preprocessing"]["size"],
+              "effitune": {"wall_seconds": round(effitune_wall, 1), "test_accuracy": run.metrics["accuracy"],
+                           "phases": {p["phase"]: p["seconds"] for p in meta["phases"]}},
+              "plain_loop": plain_loop(rows, meta["classes"], meta["preprocessing"]["size"], args.epochs1,
+                                       args.epochs2, args.depth)}
+    result["plain_over_effitune_wall"] = round(result["plain_loop"]["wall_seconds"] / effitune_wall, 2)
+    print(json.dumps(result, indent=1))
+    (args.out / "result.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
