@@ -8,11 +8,14 @@ Public API (the CLI is a thin layer over it)::
     run = effitune.train("photos/", out="runs/first")  # two-stage transfer learning -> bundle
     predictor = effitune.load(run.bundle)
     predictor.predict(["new.jpg"])
+    effitune.list_runs("runs")                         # runs side by side, best validation accuracy first
+    study = effitune.tune("photos/", trials=20)        # Optuna on cached features -> study.preset (best.yaml)
 """
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["scan", "audit", "split", "train", "load", "Predictor", "Config", "load_config", "UserError"]
+__all__ = ["scan", "audit", "split", "train", "load", "Predictor", "tune", "list_runs", "Config", "load_config",
+           "UserError"]
 
 from .config import Config, load_config
 from .errors import UserError
@@ -32,6 +35,12 @@ def __getattr__(name: str):
     if name == "train":
         from .training.run import train
         return train
+    if name == "tune":
+        from .tune import tune
+        return tune
+    if name == "list_runs":
+        from .runs import list_runs
+        return list_runs
     if name in ("load", "Predictor"):
         from . import predict
         return getattr(predict, name)

@@ -132,8 +132,14 @@ def train(data: Optional[Path] = typer.Argument(None, help="Data folder / CSV (n
           feature_cache: Optional[bool] = typer.Option(None, "--feature-cache/--no-feature-cache",
                                                        help="Train on cached frozen-prefix activations."),
           accelerator: Optional[str] = typer.Option(None, help="auto | cpu | gpu (Lightning)."),
-          devices: Optional[str] = typer.Option(None, help="auto | N (Lightning)."),
+          devices: Optional[str] = typer.Option(None, help="Processes per machine: auto (every GPU, else 1) | N | "
+                                                "GPU indices 0,1. Several start by themselves, or match torchrun/srun."),
+          num_nodes: Optional[int] = typer.Option(None, help="Machines (default: from torchrun/srun, else 1); "
+                                                  "see docs/scaling.md."),
+          strategy: Optional[str] = typer.Option(None, help="auto (ddp when several processes) | ddp | "
+                                                 "ddp_find_unused_parameters_true."),
           precision: Optional[str] = typer.Option(None, help="auto | 32-true | bf16-mixed | 16-mixed."),
+          logger: Optional[str] = typer.Option(None, help="csv | tensorboard | mlflow, or several comma-joined."),
           seed: Optional[int] = typer.Option(None),
           unknown_dir: Optional[Path] = typer.Option(None, help="Example images of no class: the unknown-image "
                                                      "score is chosen on them (default score: knn)."),
@@ -146,13 +152,17 @@ def train(data: Optional[Path] = typer.Argument(None, help="Data folder / CSV (n
                  "train.unfreeze": unfreeze, "train.batch_size": batch_size, "data.augment": augment,
                  "train.train_bn": train_bn, "train.feature_cache": feature_cache,
                  "train.accelerator": accelerator, "train.devices": devices, "train.precision": precision,
+                 "train.num_nodes": num_nodes, "train.strategy": strategy,
+                 "train.logger": logger,
                  "train.seed": seed, "data.seed": seed}
     if resume is None:
         resolved = load_config(config, overrides)
         result = run_train(data, out=out, config=resolved, manifest=manifest, unknown_dir=unknown_dir)
     else:
         result = run_train(resume=resume, unknown_dir=unknown_dir)
-    if json_output:
+    from .distributed import is_main
+
+    if json_output and is_main():  # under torchrun/srun every process gets here; rank 0 has the metrics
         print_json({"run_dir": str(result.run_dir), "bundle": str(result.bundle), "metrics": result.metrics})
 
 
@@ -183,13 +193,37 @@ def predict(bundle: Path = typer.Argument(..., help="Model bundle folder."),
             top_k: int = typer.Option(3, help="How many classes to list per image."),
             reject: bool = typer.Option(True, "--reject/--no-reject",
                                         help="Label images of no known class as unknown (label null in JSON)."),
-            json_output: bool = typer.Option(False, "--json", help="One JSON object per line (JSON Lines).")):
+            json_output: bool = typer.Option(False, "--json", help="One JSON object per line (JSON Lines)."),
+            out: Optional[Path] = typer.Option(None, help="Write to FILE as results come, flushed every batch: "
+                                               ".csv (one column per field) or .jsonl (JSON Lines)."),
+            batch_size: int = typer.Option(32, min=1, help="Images decoded and run at a time; memory stays flat."),
+            shard: Optional[str] = typer.Option(None, help="I/N: predict inputs I, I+N, I+2N... into "
+                                                "FILE.part-I-of-N; the last shard to finish merges them into "
+                                                "FILE. Default under torchrun/srun: its rank/world size."),
+            device: str = typer.Option("cpu", help="cpu, cuda (under torchrun: each process its LOCAL_RANK GPU), "
+                                       "cuda:N.")):
     """Classify images; a file that can't be read gets an error line and the rest go on."""
+    from .batch_predict import output_format, parse_shard, predict_to_file, prepare_device, shard_from_env
     from .predict import load
 
-    predictor = load(bundle)
+    shard_spec = parse_shard(shard) if shard else shard_from_env()
+    if out is not None:
+        output_format(out)  # a bad name fails before the model loads
+    elif shard_spec is not None and shard_spec[1] > 1:
+        raise UserError("Sharded prediction (--shard, or torchrun) writes to a file: add --out FILE.csv or "
+                        "--out FILE.jsonl.")
+    predictor = load(bundle, device=prepare_device(device))
+    if out is not None:
+        with err.status("predicting", spinner="dots") as status:
+            summary = predict_to_file(predictor, paths, out, top_k=top_k, batch_size=batch_size, reject=reject,
+                                      shard=shard_spec or (0, 1),
+                                      progress=lambda rows: status.update(f"predicting: {rows} images done"))
+        err.print(summary.describe(), highlight=False, soft_wrap=True)
+        if summary.errors:
+            raise typer.Exit(1)
+        return
     failures = 0
-    for result in predictor.iter_predict(paths, top_k=top_k, reject=reject):
+    for result in predictor.iter_predict(paths, top_k=top_k, batch_size=batch_size, reject=reject):
         failures += "error" in result
         if json_output:
             sys.stdout.write(json.dumps(result, ensure_ascii=True) + "\n")
@@ -383,6 +417,79 @@ def drift(bundle: Path = typer.Argument(..., help="Model bundle folder."),
     err.print(f"drift score (MMD^2) {report['drift_score']:.4f}, p = {report['p_value']:.3f}; "
               f"{report['n_images']} images")
     print(report["message"])
+
+
+@app.command()
+@user_errors
+def runs(folder: Path = typer.Argument(Path("runs"), help="Folder holding run folders (searched recursively)."),
+         sort: str = typer.Option("val_acc", help="Column to sort by (numbers: largest first)."),
+         json_output: bool = typer.Option(False, "--json")):
+    """Every run side by side: backbone, size, depth, epochs, val/test accuracy, time, bundle size."""
+    from .runs import COLUMNS, list_runs
+
+    rows = list_runs(folder, sort=sort)
+    if json_output:
+        print_json(rows)
+        return
+    if not rows:
+        err.print(f"no runs under {folder}")
+        return
+    headers = {"run": "run", "status": "status", "backbone": "backbone", "size": "px", "unfreeze": "unfreeze",
+               "best_phase": "best phase", "epochs": "epochs", "val_acc": "val acc", "test_acc": "test acc",
+               "wall_s": "time s", "bundle_mb": "MB"}
+    table = Table("", *(headers[c] for c in COLUMNS), title=f"runs under {folder} (* = best validation accuracy)")
+    for row in rows:
+        table.add_row("*" if row["best"] else "", *[_cell(column, row[column]) for column in COLUMNS])
+    err.print(table)
+
+
+def _cell(column: str, value) -> str:
+    if value is None:
+        return "-"
+    if column == "backbone":
+        return str(value).replace("tf_efficientnet_", "")
+    if column == "best_phase":
+        return str(value).replace("stage2-", "")
+    return f"{value:.4f}" if column.endswith("_acc") else str(value)
+
+
+@app.command()
+@user_errors
+def tune(data: Optional[Path] = typer.Argument(None, help="Data folder / CSV (not needed with --manifest or "
+                                               "when continuing a study)."),
+         out: Path = typer.Option(Path("runs/tune"), help="Study folder: study.db, manifest, trials/, best.yaml."),
+         trials: int = typer.Option(20, help="Finished trials the study should hold (a rerun continues)."),
+         budget: Optional[float] = typer.Option(None, help="Minutes: no new trial after this, a running one stops."),
+         config: Optional[Path] = typer.Option(None, help="Base YAML config the trials start from."),
+         manifest: Optional[Path] = typer.Option(None, help="Reuse an existing manifest.csv."),
+         params: Optional[str] = typer.Option(None, help="Comma-separated parameters to tune (default: all): "
+                                              "lr, lr_factor, unfreeze, image_size, augment, label_smoothing, dropout."),
+         epochs: Optional[int] = typer.Option(None, help="Epochs per phase in trials (default: from data size)."),
+         model: Optional[str] = typer.Option(None, help="Backbone name."),
+         batch_size: Optional[int] = typer.Option(None),
+         seed: int = typer.Option(0, help="Sampler seed."),
+         json_output: bool = typer.Option(False, "--json")):
+    """Optuna search on cached features; writes best.yaml for `effitune train --config`."""
+    try:
+        from .tune import tune as run_tune
+    except ImportError as error:
+        raise UserError(f"tuning needs Optuna ({error.name} is missing): pip install \"effitune[tune]\"") from None
+    base = None
+    if config is not None or model or batch_size:
+        base = load_config(config, {"model.backbone": model, "train.batch_size": batch_size})
+    if trials < 1:
+        raise UserError(f"--trials must be at least 1 (got {trials}).")
+    result = run_tune(data, out=out, trials=trials, budget_min=budget, config=base, manifest=manifest,
+                      params=[p.strip() for p in params.split(",") if p.strip()] if params else None,
+                      epochs=epochs, seed=seed)
+    if json_output:
+        print_json({"folder": str(result.folder), "preset": str(result.preset), "best_value": result.best_value,
+                    "best_params": result.best_params, "default_value": result.default_value,
+                    "trials": result.trials})
+        return
+    gained = f" (defaults {result.default_value:.4f})" if result.default_value is not None else ""
+    err.print(f"best validation accuracy {result.best_value:.4f}{gained}; preset: {result.preset}\n"
+              f"train with it: effitune train DATA --config {result.preset}", highlight=False)
 
 
 if __name__ == "__main__":

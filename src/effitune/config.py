@@ -66,7 +66,11 @@ class TrainConfig:
     cache_views: int = 4  # views of each training image cached for the frozen prefix (1 plain + augmented)
     precision: str = "auto"  # auto (bf16-mixed on GPU, 32 on CPU) or any Lightning precision
     accelerator: str = "auto"
-    devices: str = "auto"
+    devices: str = "auto"  # processes per machine: auto (every GPU, else 1) | N | GPU indices "0,1"
+    # Machines; None = as many as the launcher (torchrun, SLURM's srun) started, else 1.
+    num_nodes: int | None = None
+    strategy: str = "auto"  # auto (ddp when devices x num_nodes > 1) | ddp | ddp_find_unused_parameters_true
+    logger: str = "csv"  # csv | tensorboard | mlflow, or several joined by commas (Lightning's loggers)
     seed: int = 0
 
 
@@ -148,10 +152,25 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.unfreeze '{t.unfreeze}' must be auto, all or a whole number of stages (0 = head only).")
     if (t.batch_size is not None and t.batch_size < 1) or t.cache_views < 1:
         raise ConfigError("train.batch_size and train.cache_views must be at least 1.")
+    from .training.loggers import LOGGERS  # one list of names, kept beside the code that builds them
+
+    if not {n.strip().lower() for n in str(t.logger).split(",")} <= set(LOGGERS):
+        raise ConfigError(f"train.logger '{t.logger}' must be csv, tensorboard or mlflow (or several, comma-joined).")
+    _check_distribution(t)
     if config.unknown.score not in ("auto", "msp", "energy", "knn", "mahalanobis"):
         raise ConfigError(f"unknown.score '{config.unknown.score}' must be auto, msp, energy, knn or mahalanobis.")
     if not 0 < config.unknown.target_tpr <= 1:
         raise ConfigError(f"unknown.target_tpr ({config.unknown.target_tpr}) must be in (0, 1].")
+
+
+def _check_distribution(t: TrainConfig) -> None:
+    from .distributed import check_settings
+    from .errors import UserError
+
+    try:
+        check_settings(t.devices, t.num_nodes, t.strategy)
+    except UserError as error:
+        raise ConfigError(str(error)) from None
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .bundle import read_meta, read_weights
-from .data.images import IMAGE_EXTENSIONS, load_for_model
+from .data.images import IMAGE_EXTENSIONS, is_url, load_for_model
 from .errors import UserError
 from .export import ONNX_FILES
 from .models.backbones import create_backbone
@@ -118,10 +118,15 @@ def run_in_batches(engine, images: np.ndarray, batch_size: int = 64) -> tuple[np
 
 
 def expand_sources(sources: Iterable[str | Path]) -> Iterator[str]:
-    """Files, folders (recursive, images only, sorted) and glob patterns, in the order given."""
+    """Files, folders (recursive, images only, sorted) and glob patterns, in the order given.
+
+    Lazy: a folder is listed one directory at a time. URLs (`s3://…`) pass through unexpanded.
+    """
     for source in sources:
         text = str(source)
-        if os.path.isdir(text):
+        if is_url(source):
+            yield text
+        elif os.path.isdir(text):
             for root, dirs, files in os.walk(text):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 for name in sorted(files):
@@ -184,15 +189,18 @@ class Predictor:
                 reject: bool = True) -> list[dict]:
         return list(self.iter_predict(sources, top_k=top_k, batch_size=batch_size, reject=reject))
 
-    def iter_predict(self, sources, top_k: int = 5, batch_size: int = 32, reject: bool = True) -> Iterator[dict]:
+    def iter_predict(self, sources, top_k: int = 5, batch_size: int = 32, reject: bool = True,
+                     expand: bool = True) -> Iterator[dict]:
         """Streams results in input order; a file that fails gets an `error` entry and the rest go on.
+
+        `expand=False` takes every source as one file (already expanded): exactly one result each.
 
         With unknown-image statistics in the bundle each result also has `unknown` (score below the
         calibrated threshold), `unknown_score` and `score_name`; `reject` sets `label` to None for an
         unknown image (`reject=False` keeps the raw class). `top_k` always lists the raw classes.
         """
         pending: list[tuple[str, np.ndarray | None, str | None]] = []
-        for source in _with_expansion(sources):
+        for source in (_with_expansion(sources) if expand else sources):
             label = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
             try:
                 pending.append((label, self.preprocess(source), None))

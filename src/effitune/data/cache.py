@@ -16,17 +16,27 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import distributed
 from ..errors import UserError
-from .images import load_for_model
+from . import rowio
+from .images import is_url, load_for_model, read_bytes
 
 
 def _decode(job: tuple[str, int]) -> tuple[str, np.ndarray | None, str]:
     path, size = job
     try:
-        data = Path(path).read_bytes()
+        data = read_bytes(path)  # a local file, or a URL through fsspec
         return hashlib.sha1(data).hexdigest(), load_for_model(data, size), ""
     except Exception as error:  # noqa: BLE001 - every bad file becomes a message, never a crash
         return "", None, f"{type(error).__name__}: {error}"
+
+
+@dataclass
+class _Shard:
+    """Images decoded into one new shard file, before the index knows them."""
+    name: str | None  # None: nothing was decoded
+    keys: list[str]  # row -> content key
+    files: dict[str, tuple]  # path -> (bytes, change stamp, sha1)
 
 
 @dataclass
@@ -64,12 +74,27 @@ class ImageCache:
         return key in self.index.entries
 
     def build(self, paths: list[str], sha1s: list[str] | None = None, workers: int | None = None,
-              progress=None) -> list[str]:
+              progress=None, sharded: bool = False) -> list[str]:
         """Cache every path not cached yet; return each path's content key, in order.
 
         `sha1s` (from the manifest) lets cached files skip even being read. A file that no longer
-        decodes raises a UserError naming it.
+        decodes raises a UserError naming it. `sharded`: every rank of a distributed run calls this
+        together; each decodes every world-th missing file into a shard file of its own, and rank 0
+        alone writes the index, so processes never write the same file.
         """
+        if sharded and distributed.world_size() > 1:
+            return self._build_sharded(paths, sha1s, workers, progress)
+        keys, todo = self._missing(paths, sha1s)
+        if todo:
+            shard = self._decode_shard([paths[i] for i in todo], workers, progress)
+            self._add(shard)
+            for i, key in zip(todo, shard.keys):
+                keys[i] = key
+        self._write_index()
+        return keys
+
+    def _missing(self, paths: list[str], sha1s: list[str] | None) -> tuple[list[str], list[int]]:
+        """The keys of files cached already ("" for the others) and the positions of the others."""
         keys: list[str] = [""] * len(paths)
         todo = []
         for i, path in enumerate(paths):
@@ -78,35 +103,62 @@ class ImageCache:
                 keys[i] = known
             else:
                 todo.append(i)
-        if not todo:
-            self._write_index()
-            return keys
-        shard_no = len(self.index.shards)
-        shard_name = f"shard-{shard_no:05d}-{uuid.uuid4().hex[:8]}.npy"
-        temporary = self.folder / (shard_name + ".tmp")
+        return keys, todo
+
+    def _decode_shard(self, paths: list[str], workers: int | None = None, progress=None) -> _Shard:
+        """Decode `paths` into a new shard file, written under a temporary name and renamed when whole."""
+        if not paths:
+            return _Shard(None, [], {})
+        name = f"shard-{len(self.index.shards):05d}-{uuid.uuid4().hex[:8]}.npy"
+        temporary = self.folder / (name + ".tmp")
         array = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8,
-                                          shape=(len(todo), self.size, self.size, 3))
-        rows: dict[str, int] = {}
-        workers = workers or os.cpu_count() or 1
-        jobs = [(paths[i], self.size) for i in todo]
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for n, (i, (key, pixels, error)) in enumerate(zip(todo, pool.map(_decode, jobs, chunksize=32))):
+                                          shape=(len(paths), self.size, self.size, 3))
+        keys: list[str] = []
+        files: dict[str, tuple] = {}
+        jobs = [(path, self.size) for path in paths]
+        with ProcessPoolExecutor(max_workers=workers or distributed.cores_per_process()) as pool:
+            for n, (path, (key, pixels, error)) in enumerate(zip(paths, pool.map(_decode, jobs, chunksize=32))):
                 if pixels is None:
-                    raise UserError(f"{paths[i]} can no longer be decoded ({error}). It changed or broke after "
+                    raise UserError(f"{path} can no longer be decoded ({error}). It changed or broke after "
                                     "the scan: fix or remove it, then run `effitune split` again.")
-                array[n] = pixels
-                rows[key] = n
-                keys[i] = key
-                self._remember(paths[i], key)
+                rowio.write_rows(array, n, pixels[None])  # not through the map: RSS stays flat
+                keys.append(key)
+                self._remember(path, key)
+                if path in self.index.files:
+                    files[path] = self.index.files[path]
                 if progress is not None:
-                    progress(n + 1, len(todo))
-        array.flush()
+                    progress(n + 1, len(paths))
+        rowio.flush(array)
         del array
-        temporary.replace(self.folder / shard_name)
-        self.index.shards.append(shard_name)
-        for key, row in rows.items():
-            self.index.entries[key] = (shard_no, row)
-        self._write_index()
+        temporary.replace(self.folder / name)
+        return _Shard(name, keys, files)
+
+    def _add(self, shard: _Shard) -> None:
+        if shard.name is None:
+            return
+        number = len(self.index.shards)
+        self.index.shards.append(shard.name)
+        for row, key in enumerate(shard.keys):
+            self.index.entries[key] = (number, row)
+        self.index.files.update(shard.files)
+
+    def _build_sharded(self, paths: list[str], sha1s: list[str] | None, workers, progress) -> list[str]:
+        rank, world = distributed.rank(), distributed.world_size()
+        keys, todo = distributed.on_main(self._missing, paths, sha1s)  # one decision, taken once
+        mine = todo[rank::world]
+        shards = distributed.each_rank(self._decode_shard, [paths[i] for i in mine], workers, progress)
+        distributed.note("images", len(mine))
+
+        def write_index() -> None:
+            for shard in shards:
+                self._add(shard)
+            self._write_index()
+        distributed.on_main(write_index)
+        for other, shard in enumerate(shards):
+            for i, key in zip(todo[other::world], shard.keys):
+                keys[i] = key
+        if not distributed.is_main():
+            self.index, self._maps = self._read_index(), {}
         return keys
 
     def _shard(self, number: int) -> np.ndarray:
@@ -116,36 +168,53 @@ class ImageCache:
 
     def get(self, key: str) -> np.ndarray:
         shard, row = self.index.entries[key]
-        return self._shard(shard)[row]
+        return rowio.read_rows(self._shard(shard), [row])[0]  # a read, not the map: RSS stays flat
 
     def stack(self, keys: list[str]) -> np.ndarray:
         """All images for `keys` as one (N, size, size, 3) uint8 array in RAM."""
         out = np.empty((len(keys), self.size, self.size, 3), dtype=np.uint8)
-        for i, key in enumerate(keys):
-            out[i] = self.get(key)
+        places = np.array([self.index.entries[key] for key in keys], dtype=np.int64).reshape(-1, 2)
+        for shard in np.unique(places[:, 0]).tolist():  # one batch of reads per shard file
+            chosen = np.flatnonzero(places[:, 0] == shard)
+            out[chosen] = rowio.read_rows(self._shard(shard), places[chosen, 1])
         return out
 
     def _remember(self, path: str, sha1: str) -> None:
-        try:
-            stat = os.stat(path)
-        except OSError:
-            return
-        self.index.files[path] = (stat.st_size, stat.st_mtime_ns, sha1)
+        stamp = _stamp(path)
+        if stamp is not None:
+            self.index.files[path] = (*stamp, sha1)
 
     def _unchanged(self, path: str, sha1: str) -> bool:
-        """Is the file still what the manifest says? Size + mtime stamp first, else re-hash it."""
-        try:
-            stat = os.stat(path)
-        except OSError:
+        """Is the file still what the manifest says? Size + change stamp first, else re-hash it."""
+        stamp = _stamp(path)
+        if stamp is None:
             return False
-        if self.index.files.get(path) == (stat.st_size, stat.st_mtime_ns, sha1):
+        if self.index.files.get(path) == (*stamp, sha1):
             return True
-        if hashlib.sha1(Path(path).read_bytes()).hexdigest() != sha1:
+        try:
+            if hashlib.sha1(read_bytes(path)).hexdigest() != sha1:
+                return False
+        except Exception:  # noqa: BLE001 - gone or unreadable: decoding it again reports why
             return False
-        self.index.files[path] = (stat.st_size, stat.st_mtime_ns, sha1)
+        self.index.files[path] = (*stamp, sha1)
         return True
 
     def __getstate__(self):  # worker processes re-open the memory maps themselves
         state = self.__dict__.copy()
         state["_maps"] = {}
         return state
+
+
+def _stamp(path: str) -> tuple[int, int | str] | None:
+    """(size, change marker) without reading the file: mtime for a local file, fsspec's `ukey`
+    (an ETag, a generation, or a hash of the listing) for a URL; None when it cannot be looked up."""
+    try:
+        if is_url(path):
+            from fsspec.core import url_to_fs
+
+            fs, inner = url_to_fs(path)
+            return int(fs.size(inner) or -1), str(fs.ukey(inner))
+        stat = os.stat(path)
+        return stat.st_size, stat.st_mtime_ns
+    except Exception:  # noqa: BLE001 - no stamp just means the file is read again
+        return None

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, default_collate
 
+from . import rowio
 from .cache import ImageCache
 from .transforms import build_augmentation, to_chw
 
@@ -47,11 +48,17 @@ class ImageDataset(Dataset):
 
 
 class ActivationDataset(Dataset):
-    """Cached activations of shape (views, N, ...): epoch e reads view e % views."""
+    """Cached activations of shape (views, N, ...): epoch e reads view e % views.
+
+    A memory map of a whole `.npy` file (what `compute_activations` returns) is read with positional
+    reads (`rowio`), not through the map: every page touched through a map stays counted in the
+    process's RSS until it is unmapped, so an epoch over 100k cached rows grew RSS by the whole view.
+    """
 
     def __init__(self, activations: np.ndarray, labels: np.ndarray):
         self.activations, self.labels = activations, torch.as_tensor(np.asarray(labels), dtype=torch.long)
         self.view = 0
+        self._file, self._fd = rowio.npy_file(activations), None
 
     def set_epoch(self, epoch: int) -> None:
         self.view = epoch % self.activations.shape[0]
@@ -64,9 +71,27 @@ class ActivationDataset(Dataset):
         return batch[0], labels[0]
 
     def __getitems__(self, indices: list[int]):
-        order = np.sort(np.asarray(indices))  # sorted reads are sequential on the memory map
-        batch = torch.from_numpy(np.ascontiguousarray(self.activations[self.view, order]))
-        return batch, self.labels[order]
+        order = np.sort(np.asarray(indices, dtype=np.int64))  # sorted reads are sequential in the file
+        if self._file is None:
+            batch = np.ascontiguousarray(self.activations[self.view, order])
+        else:
+            if self._fd is None:
+                self._fd = os.open(self._file, os.O_RDONLY)
+            batch = rowio.read_rows(self.activations, self.view * len(self) + order, lead=2, fd=self._fd)
+        return torch.from_numpy(batch), self.labels[order]
+
+    def __getstate__(self):  # a loader worker reopens the file: no copy of the cache, no shared descriptor
+        return {**self.__dict__, "_fd": None, **({"activations": None} if self._file else {})}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self._file:
+            self.activations = np.load(self._file, mmap_mode="r")
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:

@@ -6,7 +6,9 @@ about what an image looks like.
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -16,6 +18,28 @@ IMAGE_EXTENSIONS = frozenset(
     ".jpg .jpeg .jpe .jfif .png .bmp .gif .tif .tiff .webp .ppm .pgm .pbm .pnm .tga .ico".split()
 )
 EXIF_ORIENTATION_TAG = 0x0112
+# `s3://…`, `gs://…`, `https://…`, `memory://…`, `file://…`: a scheme of two letters or more, so a
+# Windows drive (C:\) is never taken for one.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
+
+
+def is_url(source: object) -> bool:
+    """A URL is read through fsspec; everything else is a local path and never goes near it."""
+    return isinstance(source, str) and _URL.match(source) is not None
+
+
+def open_binary(source: str | Path) -> BinaryIO:
+    """A readable binary stream: `open` for a local path, fsspec for a URL (imported only then)."""
+    if is_url(source):
+        import fsspec
+
+        return fsspec.open(source, "rb").open()
+    return open(source, "rb")
+
+
+def read_bytes(source: str | Path) -> bytes:
+    with open_binary(source) as stream:
+        return stream.read()
 
 
 def is_image_name(name: str) -> bool:
@@ -46,6 +70,8 @@ def load_rgb(source: str | Path | bytes, max_pixels: int | None = None) -> Image
 
     Raises the usual PIL/OS errors; callers turn them into user-facing reasons.
     """
+    if is_url(source):
+        source = read_bytes(source)  # fetched whole once: decoders seek, remote streams may not
     stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     with Image.open(stream) as image:
         if max_pixels is not None and image.width * image.height > max_pixels:

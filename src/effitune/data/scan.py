@@ -10,6 +10,7 @@ import contextlib
 import csv
 import functools
 import hashlib
+import io
 import json
 import os
 import sys
@@ -27,9 +28,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .. import distributed
 from ..config import DataConfig
 from ..errors import UserError
-from .images import EXIF_ORIENTATION_TAG, IMAGE_EXTENSIONS, is_image_name, load_rgb
+from .images import EXIF_ORIENTATION_TAG, IMAGE_EXTENSIONS, is_image_name, is_url, load_rgb, read_bytes
 
 RECORDS_FILE = "records.jsonl"
 REASONS = ("missing file", "unreadable", "empty file", "not an image", "truncated or corrupt",
@@ -63,23 +65,30 @@ def check_file(task: Task, *, max_pixels: int, min_side: int) -> dict[str, Any]:
         "bytes": None, "sha1": None, "phash": None, "dhash": None, "mean_rgb": None,
         "notes": [],
     }
+    data = None  # a URL's bytes, fetched once rather than once per step below
     try:
-        record["bytes"], record["sha1"] = _size_and_sha1(path)
+        if is_url(path):
+            data = read_bytes(path)
+            record["bytes"], record["sha1"] = len(data), hashlib.sha1(data).hexdigest()
+        else:
+            record["bytes"], record["sha1"] = _size_and_sha1(path)
     except FileNotFoundError:
         return _reject(record, "missing file", "no such file (a broken link, or removed during the scan)")
     except OSError as error:
         return _reject(record, "unreadable", f"cannot read the file: {error.strerror or error}")
+    except Exception as error:  # fsspec: an unknown protocol, a backend not installed (s3fs, gcsfs), HTTP errors
+        return _reject(record, "unreadable", f"cannot read the URL: {type(error).__name__}: {error}")
     if record["bytes"] == 0:
         return _reject(record, "empty file", "the file has 0 bytes")
     with _strict_pillow(max_pixels):
         try:
-            header = _read_header(path)
+            header = _read_header(path if data is None else data)
             record.update({key: header[key] for key in ("mode", "format", "orientation", "frames")})
             record["width"], record["height"] = width, height = header["size"]
             if width * height > max_pixels:
                 return _reject(record, "decompression bomb",
                                f"{width}x{height} = {width * height} pixels is over max_pixels {max_pixels}")
-            image = load_rgb(path, max_pixels=max_pixels)
+            image = load_rgb(path if data is None else data, max_pixels=max_pixels)
         except UnidentifiedImageError:
             return _reject(record, "not an image", "Pillow does not recognise the content as an image")
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -123,8 +132,8 @@ def _strict_pillow(max_pixels: int) -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = saved
 
 
-def _read_header(path: str) -> dict[str, Any]:
-    with Image.open(path) as image:
+def _read_header(source: str | bytes) -> dict[str, Any]:
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
         orientation = image.getexif().get(EXIF_ORIENTATION_TAG)
         return {
             "format": image.format, "mode": image.mode, "size": image.size,
@@ -212,7 +221,8 @@ class _Walker:
                 if split is not None and split not in SPLIT_FOLDERS:
                     raise UserError(f"{csv_path}, line {reader.line_num}: split {split!r} must be one of "
                                     "train, val, test (or leave the column empty).")
-                yield os.path.abspath(base / path), label, SPLIT_FOLDERS.get(split or "")
+                location = path if is_url(path) else os.path.abspath(base / path)  # URLs: read via fsspec
+                yield location, label, SPLIT_FOLDERS.get(split or "")
 
     def _warn(self, counter: str, message: str) -> None:
         self.skipped[counter] += 1
@@ -368,11 +378,13 @@ class _Tally:
 
 # ------------------------------------------------------------------------------------------ scan
 def scan(data: str | Path, *, out: str | Path | None = None, config: DataConfig | None = None,
-         workers: int | None = None, progress: bool = True) -> ScanResult:
+         workers: int | None = None, progress: bool = True, sharded: bool = False) -> ScanResult:
     """Check every image under `data` and write one record per file to `out/records.jsonl`.
 
     `data`: a folder with one sub-folder per class (optionally inside train/ val/ test/), or a CSV
-    with `path,label` columns (paths relative to the CSV). `out` defaults to a fresh temporary folder.
+    with `path,label` columns (paths relative to the CSV, or URLs such as `s3://…` read through fsspec).
+    `out` defaults to a fresh temporary folder. `sharded`: every rank of a distributed run calls this
+    together (same `out`) and checks its share of the files; every rank gets the same result.
     """
     config = config or DataConfig()
     root = Path(os.path.abspath(data))
@@ -384,6 +396,8 @@ def scan(data: str | Path, *, out: str | Path | None = None, config: DataConfig 
                         "Choose an --out outside it.")
     out.mkdir(parents=True, exist_ok=True)
     records_path = out / RECORDS_FILE
+    if sharded and distributed.world_size() > 1:
+        return _scan_sharded(root, layout, units, skipped, records_path, config, workers or config.workers)
 
     show = progress and sys.stderr.isatty()
     total = sum(1 for _ in make_tasks(_Walker())) if show else None  # a second, cheap walk
@@ -405,6 +419,41 @@ def scan(data: str | Path, *, out: str | Path | None = None, config: DataConfig 
     result = _result(records_path, root, layout, sorted({label for _, label, _ in units}), tally, walker)
     _check_usable(result)
     return result
+
+
+def _scan_sharded(root: Path, layout: str, units: list[Unit], skipped: Counter, records_path: Path,
+                  config: DataConfig, workers: int | None) -> ScanResult:
+    """Rank 0 walks once; rank r checks files r, r + world, ...; rank 0 writes the records in walk order."""
+    rank, world = distributed.rank(), distributed.world_size()
+    walker = _Walker(skipped=skipped)
+    tasks = distributed.on_main(lambda: list(walker.tasks(root, layout, units)))  # one order for every rank
+    check = functools.partial(check_file, max_pixels=config.max_pixels, min_side=config.min_side)
+    parts = [records_path.with_name(f"{RECORDS_FILE}.part{r}") for r in range(world)]
+
+    def check_share() -> None:
+        with open(parts[rank], "w", encoding="ascii") as stream, \
+                _mapper(workers or distributed.cores_per_process()) as mapper:
+            for record in mapper(check, tasks[rank::world]):
+                stream.write(json.dumps(record, ensure_ascii=True) + "\n")
+    distributed.each_rank(check_share)
+    distributed.note("scan", len(tasks[rank::world]))
+
+    def merge() -> ScanResult:
+        tally, partial_path = _Tally(), records_path.with_suffix(".jsonl.partial")
+        with contextlib.ExitStack() as stack:
+            streams = [stack.enter_context(open(part, encoding="ascii")) for part in parts]
+            out = stack.enter_context(open(partial_path, "w", encoding="ascii"))
+            for i in range(len(tasks)):
+                line = streams[i % world].readline()
+                out.write(line)
+                tally.add(json.loads(line))
+        partial_path.replace(records_path)
+        for part in parts:
+            part.unlink()
+        result = _result(records_path, root, layout, sorted({label for _, label, _ in units}), tally, walker)
+        _check_usable(result)
+        return result
+    return distributed.on_main(merge)
 
 
 @contextlib.contextmanager

@@ -85,28 +85,38 @@ class BatchAugment(torch.nn.Module):
         params = BATCH_RECIPES.get(name)
         return None if params is None else cls(size, *params)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, seeds: list[int] | None = None) -> torch.Tensor:
+        """`seeds`: one per image, so an image's augmentation does not depend on its batch (cached views)."""
         from torchvision.ops import roi_align
 
         n, _, height, width = images.shape
         device = images.device
-        area = torch.empty(n, device=device).uniform_(self.min_scale, 1.0)
-        log_ratio = torch.empty(n, device=device).uniform_(-self.max_log_ratio, self.max_log_ratio)
+        u = self._uniforms(n, device, seeds)
+        area = self.min_scale + (1 - self.min_scale) * u[:, 0]
+        log_ratio = (2 * u[:, 1] - 1) * self.max_log_ratio
         crop_w = (area * log_ratio.exp()).sqrt().clamp(max=1.0) * width
         crop_h = (area / log_ratio.exp()).sqrt().clamp(max=1.0) * height
-        x0 = torch.rand(n, device=device) * (width - crop_w)
-        y0 = torch.rand(n, device=device) * (height - crop_h)
+        x0 = u[:, 2] * (width - crop_w)
+        y0 = u[:, 3] * (height - crop_h)
         boxes = torch.stack([torch.arange(n, device=device, dtype=torch.float32), x0, y0, x0 + crop_w, y0 + crop_h], 1)
         out = roi_align(images.float(), boxes, output_size=self.size, spatial_scale=1.0, sampling_ratio=2,
                         aligned=True)
-        flip = torch.rand(n, device=device) < 0.5
+        flip = u[:, 4] < 0.5
         out = torch.where(flip[:, None, None, None], out.flip(-1), out)
         if self.jitter:
-            brightness = torch.empty(n, 1, 1, 1, device=device).uniform_(1 - self.jitter, 1 + self.jitter)
-            contrast = torch.empty(n, 1, 1, 1, device=device).uniform_(1 - self.jitter, 1 + self.jitter)
+            brightness = (1 + self.jitter * (2 * u[:, 5] - 1)).view(n, 1, 1, 1)
+            contrast = (1 + self.jitter * (2 * u[:, 6] - 1)).view(n, 1, 1, 1)
             mean = out.mean(dim=(1, 2, 3), keepdim=True)
             out = ((out - mean) * contrast + mean) * brightness
         return out.clamp_(0, 255).to(torch.uint8)
+
+    @staticmethod
+    def _uniforms(n: int, device, seeds: list[int] | None) -> torch.Tensor:
+        """(n, 7) uniform numbers: from the device's generator, or from one CPU generator per seed."""
+        if seeds is None:
+            return torch.rand(n, 7, device=device)
+        draws = [torch.rand(7, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds]
+        return torch.stack(draws).to(device)
 
 
 def to_chw(image_hwc) -> torch.Tensor:

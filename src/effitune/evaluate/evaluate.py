@@ -38,6 +38,15 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, split: str = "test", p
     labels = np.array([index[label] for _, label in pairs])
     chunk = 256  # images in RAM at a time: evaluation memory does not grow with the data set
     probabilities = np.concatenate([
-        predictor.probabilities(np.stack([predictor.preprocess(path) for path, _ in pairs[i:i + chunk]]))
+        predictor.probabilities(np.stack([_image(predictor, path, data) for path, _ in pairs[i:i + chunk]]))
         for i in range(0, len(pairs), chunk)]) if pairs else np.zeros((0, len(predictor.classes)))
     return classification_metrics(probabilities, labels, predictor.classes)
+
+
+def _image(predictor: Predictor, path: str, data: str | Path) -> np.ndarray:
+    try:
+        return predictor.preprocess(path)
+    except Exception as error:  # noqa: BLE001 - a missing or broken file (or URL) is the user's to fix
+        reason = "it does not exist" if isinstance(error, FileNotFoundError) else f"{type(error).__name__}: {error}"
+        raise UserError(f"{path} (listed in {data}) cannot be read: {reason}. Restore or remove it, then run "
+                        "`effitune split` again.") from None

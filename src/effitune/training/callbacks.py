@@ -11,7 +11,7 @@ HISTORY_COLUMNS = ("phase", "stage", "epoch", "lr", "train_loss", "train_acc", "
 
 
 class HistoryWriter(L.Callback):
-    """Appends one row per epoch to `history.csv` (the curves in reports come from it)."""
+    """Appends one row per epoch to `history.csv` (the curves in reports come from it); rank 0 alone writes."""
 
     def __init__(self, path: Path, phase_name: str, stage: int):
         self.path, self.phase_name, self.stage = Path(path), phase_name, stage
@@ -19,6 +19,8 @@ class HistoryWriter(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         """On resume, forget rows of epochs that will run again (written after the last checkpoint)."""
+        if not trainer.is_global_zero:
+            return
         rows = read_history(self.path)
         kept = [r for r in rows if not (r["phase"] == self.phase_name and int(r["epoch"]) >= trainer.current_epoch)]
         if len(kept) != len(rows):
@@ -31,7 +33,9 @@ class HistoryWriter(L.Callback):
         self._started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module):
-        metrics = trainer.callback_metrics
+        if not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics  # logged with sync_dist: the same on every rank
         value = lambda key: f"{float(metrics[key]):.6f}" if key in metrics else ""  # noqa: E731
         row = {"phase": self.phase_name, "stage": self.stage, "epoch": trainer.current_epoch,
                "lr": f"{trainer.optimizers[0].param_groups[0]['lr']:.3e}",

@@ -11,6 +11,7 @@ phase is a prefix of a shallower phase's prefix, and every prefix keeps its pret
 """
 from __future__ import annotations
 
+import copy
 import json
 import uuid
 import warnings
@@ -20,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import distributed
+from ..data import rowio
 from ..data.datamodule import ImageDataset, collate_batched
 from ..models import backbones
 from ..models.network import Network
@@ -68,8 +71,6 @@ def onnx_capture(network: Network, depths: list[int], size: int, folder: Path):
         import onnxruntime as ort
     except ImportError:
         return None
-    from ..predict import available_cores
-
     module = _CaptureModule(network.cpu().eval(), depths)
     path = folder / f"frozen-{uuid.uuid4().hex[:8]}.onnx"
     try:
@@ -79,7 +80,7 @@ def onnx_capture(network: Network, depths: list[int], size: int, folder: Path):
                               output_names=module.names, opset_version=17, dynamo=False,
                               dynamic_axes={name: {0: "batch"} for name in ["images", *module.names]})
         options = ort.SessionOptions()
-        options.intra_op_num_threads = available_cores()
+        options.intra_op_num_threads = distributed.cores_per_process()  # all cores, shared among the ranks here
         options.log_severity_level = 3
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - an exporter gap must not stop training: eager still works
@@ -94,46 +95,78 @@ def onnx_capture(network: Network, depths: list[int], size: int, folder: Path):
     return run
 
 
+def _covers(stored: dict, wanted: dict) -> bool:
+    """An earlier result serves when it has the same images and views and at least the wanted cuts."""
+    same = all(stored.get(key) == wanted[key] for key in ("n", "views", "size"))
+    return same and set(wanted["depths"]) <= set(stored.get("depths", []))
+
+
 def compute_activations(network: Network, dataset: ImageDataset, depths: list[int], folder: Path,
                         views: int = 1, batch_size: int = 128, device: str = "cpu",
                         workers: int = 0, progress=None, batch_augment=None,
-                        engine: str = "auto") -> dict[str, np.ndarray]:
+                        engine: str = "auto", sharded: bool = False) -> dict[str, np.ndarray]:
     """Write `<folder>/<boundary>.npy` (views, N, ...) float16 for pooled features and each depth.
 
     View 0 is the image as evaluated; views 1.. apply `dataset.transform` (the augmentation recipe,
-    per sample in loader workers) or, when given, `batch_augment` on the device (GPU).
+    per sample in loader workers) or, when given, `batch_augment` on the device (GPU), seeded per
+    (image, view): the cache does not depend on batch size, loader workers or the number of ranks.
     Reuses a complete earlier result with the same signature (resume, repeated runs).
     `engine`: "auto" runs the frozen layers with ONNX Runtime on a CPU when it is installed,
     PyTorch otherwise (and always on a GPU: bf16 + channels_last there); "torch" forces PyTorch.
+    `sharded`: every rank of a distributed run calls this together; rank r computes the r-th
+    contiguous block of images into files of its own (`<boundary>.part<r>.npy`, so no two processes
+    write one file, even on a shared file system) and every rank reads all blocks as one array.
     """
     folder = Path(folder)
     names = [POOLED] + [boundary_name(d) for d in depths]
     signature = {"n": len(dataset), "views": views, "depths": sorted(depths), "size": dataset.cache.size}
     meta_path = folder / "activations.json"
-    if meta_path.is_file() and json.loads(meta_path.read_text()) == signature:
-        return {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in names}
+    stored = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    if sharded:
+        stored = distributed.from_main(stored)  # one decision for every rank
+    if stored is not None and _covers(stored, signature):
+        return _open_blocks(folder, names, stored)
+    rank, world = (distributed.rank(), distributed.world_size()) if sharded else (0, 1)
     folder.mkdir(parents=True, exist_ok=True)
-    meta_path.unlink(missing_ok=True)
+    if rank == 0:
+        meta_path.unlink(missing_ok=True)
+    start, stop = distributed.shard_range(len(dataset), rank, world)
+    suffix = f".part{rank}" if world > 1 else ""
+    _compute_block(network, dataset, depths, folder, range(start, stop), suffix, views, batch_size, device,
+                   workers, progress, batch_augment, engine)
+    if sharded:
+        distributed.note(f"features/{folder.name}", stop - start)
+    blocks = distributed.each_rank(lambda: [start, stop, suffix]) if sharded else [[0, len(dataset), ""]]
+    meta = {**signature, "blocks": [block for block in blocks if block[1] > block[0]]}
+    if rank == 0:
+        meta_path.write_text(json.dumps(meta))  # the others need not wait: they know the blocks already
+    return _open_blocks(folder, names, meta)
+
+
+def _compute_block(network: Network, dataset: ImageDataset, depths: list[int], folder: Path, rows: range,
+                   suffix: str, views: int, batch_size: int, device: str, workers: int, progress,
+                   batch_augment, engine: str) -> None:
+    """Activations of images `rows` into `<folder>/<boundary><suffix>.npy`, each renamed into place when whole."""
+    if not len(rows):
+        return
     use_onnx = engine == "auto" and device == "cpu"
     onnx_run = onnx_capture(network, depths, dataset.cache.size, folder) if use_onnx else None
     network = network.to(device).eval().to(memory_format=torch.channels_last)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
     arrays: dict[str, np.ndarray] = {}
     temporaries: dict[str, Path] = {}
-    augment = dataset.transform
-    total, done = views * len(dataset), 0
+    total, done = views * len(rows), 0
     for view in range(views):
-        dataset.transform = augment if view > 0 and batch_augment is None else None
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+        on_device = view > 0 and batch_augment is not None
+        source = _SeededViews(dataset, rows, view, dataset.transform if view > 0 and not on_device else None)
+        loader = torch.utils.data.DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=workers,
                                              pin_memory=device.startswith("cuda"), collate_fn=collate_batched,
                                              prefetch_factor=4 if workers else None)
         start = 0
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(1000 + view)  # each view's augmentation is reproducible
         for images, _ in loader:
             images = images.to(device, non_blocking=True)
-            if view > 0 and batch_augment is not None:
-                images = batch_augment(images)
+            if on_device:
+                images = batch_augment(images, seeds=[view_seed(view, i) for i in rows[start:start + len(images)]])
             if onnx_run is not None:
                 captured = {k: torch.from_numpy(v) for k, v in onnx_run(images).items()}
             else:
@@ -141,19 +174,83 @@ def compute_activations(network: Network, dataset: ImageDataset, depths: list[in
                     captured = _capture(network, images.contiguous(memory_format=torch.channels_last), depths)
             for name, tensor in captured.items():
                 if name not in arrays:
-                    temporaries[name] = folder / f"{name}.{uuid.uuid4().hex[:8]}.tmp.npy"
+                    temporaries[name] = folder / f"{name}{suffix}.{uuid.uuid4().hex[:8]}.tmp.npy"
                     arrays[name] = np.lib.format.open_memmap(
-                        temporaries[name], mode="w+", dtype=np.float16, shape=(views, len(dataset), *tensor.shape[1:]))
-                # float16 on the device: half the bytes to copy back, no conversion on the CPU
-                arrays[name][view, start:start + len(images)] = tensor.to(torch.float16).cpu().numpy()
+                        temporaries[name], mode="w+", dtype=np.float16, shape=(views, len(rows), *tensor.shape[1:]))
+                # float16 on the device: half the bytes to copy back, no conversion on the CPU; written to the
+                # file, not through the map (pages written through a map would stay in this process's RSS)
+                rowio.write_rows(arrays[name], view * len(rows) + start, tensor.to(torch.float16).cpu().numpy(),
+                                 lead=2)
             start += len(images)
             done += len(images)
             if progress is not None:
                 progress(done, total)
-        torch.random.set_rng_state(generator_state)
-    dataset.transform = augment
     for name, array in arrays.items():
-        array.flush()
-        temporaries[name].replace(folder / f"{name}.npy")
-    meta_path.write_text(json.dumps(signature))
-    return {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in names}
+        rowio.flush(array)
+        temporaries[name].replace(folder / f"{name}{suffix}.npy")
+
+
+def view_seed(view: int, index: int) -> int:
+    """The augmentation seed of image `index` in view `view`: the same in any batch, worker or rank."""
+    return (1000 + view) * 2**32 + index
+
+
+class _SeededViews(torch.utils.data.Dataset):
+    """Images `rows` of an ImageDataset, each augmented (when `transform`) under its own `view_seed`."""
+
+    def __init__(self, dataset: ImageDataset, rows: range, view: int, transform=None):
+        self.base, self.rows, self.view = copy.copy(dataset), rows, view
+        self.base.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, j: int):
+        index = self.rows[j]
+        if self.base.transform is None:
+            return self.base[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(view_seed(self.view, index))
+            return self.base[index]
+
+    def __getitems__(self, positions: list[int]):
+        if self.base.transform is None:  # one gather from the memory map
+            return self.base.__getitems__([self.rows[j] for j in positions])
+        return [self[j] for j in positions]
+
+
+def _open_blocks(folder: Path, names: list[str], meta: dict) -> dict[str, np.ndarray]:
+    blocks = meta.get("blocks", [[0, meta["n"], ""]])  # results written before sharding: one file each
+    out = {}
+    for name in names:
+        parts = [(start, stop, np.load(folder / f"{name}{suffix}.npy", mmap_mode="r"))
+                 for start, stop, suffix in blocks]
+        out[name] = parts[0][2] if len(parts) == 1 else RowBlocks(parts)
+    return out
+
+
+class RowBlocks:
+    """Row blocks in several files read as one (views, N, ...) array: `blocks[view]`, `blocks[view, rows]`."""
+
+    def __init__(self, parts: list[tuple[int, int, np.ndarray]]):
+        self.parts = sorted(parts, key=lambda part: part[0])
+        first = self.parts[0][2]
+        self.shape = (first.shape[0], self.parts[-1][1], *first.shape[2:])
+        self.dtype, self.ndim = first.dtype, len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        view, rows = key if isinstance(key, tuple) else (key, slice(None))
+        rows = np.arange(self.shape[1])[rows]
+        out = np.empty((*np.shape(rows), *self.shape[2:]), self.dtype)
+        for start, stop, array in self.parts:
+            inside = (rows >= start) & (rows < stop)
+            if np.any(inside):
+                out[inside] = array[view, rows[inside] - start]
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        whole = np.stack([self[view] for view in range(self.shape[0])])
+        return whole if dtype is None else whole.astype(dtype)

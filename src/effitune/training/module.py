@@ -65,8 +65,11 @@ class PhaseModule(L.LightningModule):
         loss = self.loss(logits, y)
         accuracy = (logits.argmax(1) == y).float().mean()
         on_step = split == "train"
-        self.log(f"{split}_loss", loss, on_step=False, on_epoch=True, prog_bar=not on_step, batch_size=len(y))
-        self.log(f"{split}_acc", accuracy, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        # sync_dist: averaged over ranks, so val_acc (checkpoints, early stopping, the best phase) agrees
+        self.log(f"{split}_loss", loss, on_step=False, on_epoch=True, prog_bar=not on_step, batch_size=len(y),
+                 sync_dist=True)
+        self.log(f"{split}_acc", accuracy, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y),
+                 sync_dist=True)
         return loss
 
     def training_step(self, batch, batch_idx):

@@ -21,12 +21,12 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
-from lightning.pytorch.loggers import CSVLogger
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from .. import bundle as bundles
+from .. import distributed
 from ..config import Config, StageConfig, config_from_dict, load_config, save_config
 from ..data.cache import ImageCache
 from ..data.datamodule import ActivationDataset, ImageDataModule, class_weights, collate_batched
@@ -37,6 +37,7 @@ from ..models.backbones import create_backbone
 from ..models.network import Network
 from .callbacks import CycleCachedViews, HistoryWriter
 from .features import POOLED, boundary_name, compute_activations
+from .loggers import make_loggers
 from .module import Optimization, PhaseModule
 from .stages import Phase, resolve_depths
 
@@ -55,6 +56,7 @@ def _quiet_lightning() -> None:
 @dataclass
 class RunPaths:
     root: Path
+    shared_features: Path | None = None  # `effitune tune`: trials share one frozen-prefix cache
 
     def __post_init__(self):
         self.root = Path(self.root)
@@ -65,7 +67,7 @@ class RunPaths:
     state = property(lambda self: self.root / "state.json")
     phases = property(lambda self: self.root / "phases")
     checkpoints = property(lambda self: self.root / "checkpoints")
-    features = property(lambda self: self.root / "features")
+    features = property(lambda self: self.shared_features or self.root / "features")
     model = property(lambda self: self.root / "model")
 
 
@@ -84,17 +86,35 @@ def default_cache_root() -> Path:
 def train(data: str | Path | None = None, *, out: str | Path = "runs/run", config: Config | None = None,
           manifest: str | Path | None = None, resume: str | Path | None = None,
           cache_root: str | Path | None = None, progress: bool = True,
-          unknown_dir: str | Path | None = None) -> TrainResult:
-    """`unknown_dir`: example images of no class; the unknown-image score is then chosen on them."""
+          unknown_dir: str | Path | None = None, features_dir: str | Path | None = None,
+          callbacks: tuple = (), finish: bool = True) -> TrainResult:
+    """`unknown_dir`: example images of no class; the unknown-image score is then chosen on them.
+
+    For tuning trials: `features_dir` shares one frozen-prefix cache between runs on the same manifest,
+    `callbacks` (Lightning) join every phase, and `finish=False` stops after the phases (validation
+    accuracy only: no test split, bundle or report).
+
+    Several devices (`train.devices`, `train.num_nodes`): under torchrun or srun every process runs
+    this; without a launcher it starts the processes itself and returns rank 0's result (see
+    `effitune.distributed`). Rank 0 alone writes the run's files; the other ranks return no metrics.
+    """
+    arguments = dict(locals())  # every parameter, for the processes `distributed.launch` starts
     started = time.perf_counter()
     _quiet_lightning()
+    plan = _plan(_saved_config(resume) if resume is not None else config or Config())
+    if plan.launch == "self":
+        console.print(f"starting {plan.per_node} training processes on this machine ({plan.strategy})")
+        return distributed.launch(train, plan.per_node, **arguments)
+    distributed.init(plan.device)
+    console.quiet = not distributed.is_main()
     paths, config, rows = _open_run(data, out, config, manifest, resume)
+    paths.shared_features = Path(features_dir) if features_dir else None
     classes = sorted({row["label"] for row in rows})
     network, weight_source = _build_network(config, len(classes))
     config.data.image_size = config.data.image_size or choose_image_size(rows, network)
     _fill_epochs(config, sum(row["split"] == "train" for row in rows))
     config.train.batch_size = config.train.batch_size or (256 if _device(config) == "cuda" else 64)
-    save_config(config, paths.config)
+    distributed.on_main(save_config, config, paths.config)
     cache = ImageCache(cache_root or default_cache_root() / "images", config.data.image_size)
     console.print(f"[bold]effitune[/] {len(rows)} images, {len(classes)} classes, {config.model.backbone} "
                   f"@ {config.data.image_size}px, weights: {weight_source}")
@@ -103,7 +123,15 @@ def train(data: str | Path | None = None, *, out: str | Path = "runs/run", confi
                                  augment=config.data.augment, balance=config.data.balance,
                                  workers=config.data.workers, seed=config.data.seed,
                                  device_augment=_device(config) == "cuda")
-    phase_log = _train_phases(network, datamodule, config, paths, started, progress)
+    phase_log = _train_phases(network, datamodule, config, paths, started, progress, callbacks)
+    _write_shares(paths)
+    if not finish:
+        best = max(phase_log, key=lambda p: p["val_acc"])
+        return TrainResult(paths.root, paths.model, {"val_acc": best["val_acc"],
+                                                     "wall_seconds": round(time.perf_counter() - started, 1)},
+                           phase_log)
+    if not distributed.is_main():  # rank 0 alone evaluates and writes the bundle; this rank is done
+        return TrainResult(paths.root, paths.model, {}, phase_log)
     metrics = _evaluate_and_bundle(network, datamodule, config, paths, classes, weight_source, phase_log,
                                    started, unknown_dir)
     report_after_training(paths.root, device=_device(config), cache=cache.folder.parent)  # warns, never raises
@@ -125,7 +153,7 @@ def _open_run(data, out, config, manifest, resume) -> tuple[RunPaths, Config, li
     paths.root.mkdir(parents=True, exist_ok=True)
     config = config or Config()
     rows = read_manifest(manifest) if manifest else _scan_and_split(data, paths, config)
-    write_manifest(rows, paths.manifest)
+    distributed.on_main(write_manifest, rows, paths.manifest)
     return paths, config, rows
 
 
@@ -135,10 +163,14 @@ def _scan_and_split(data, paths: RunPaths, config: Config) -> list[dict]:
 
     if data is None:
         raise UserError("Nothing to train on: pass a DATA folder (one subfolder per class), a CSV, or --manifest.")
-    result = scan(data, out=paths.root, config=config.data, workers=config.data.workers)
-    records = load_ok_records(result.records_path)
-    groups = duplicate_groups(records, config.data.near_duplicate_distance)
-    return split_records(records, val=config.data.val, test=config.data.test, seed=config.data.seed, groups=groups)
+    result = scan(data, out=paths.root, config=config.data, workers=config.data.workers, sharded=True)
+
+    def split() -> list[dict]:
+        records = load_ok_records(result.records_path)
+        groups = duplicate_groups(records, config.data.near_duplicate_distance)
+        return split_records(records, val=config.data.val, test=config.data.test, seed=config.data.seed,
+                             groups=groups)
+    return distributed.on_main(split)  # one split, made once, for every rank
 
 
 def choose_image_size(rows: list[dict], network: Network) -> int:
@@ -169,7 +201,8 @@ def _build_network(config: Config, num_classes: int) -> tuple[Network, str]:
 
 def _cache_images(cache: ImageCache, rows: list[dict], config: Config) -> list[str]:
     console.print(f"resize-once cache: {cache.folder}")
-    return cache.build([row["path"] for row in rows], [row["sha1"] for row in rows], workers=config.data.workers)
+    return cache.build([row["path"] for row in rows], [row["sha1"] for row in rows], workers=config.data.workers,
+                       sharded=True)
 
 
 # --- the phases ---------------------------------------------------------------------------------
@@ -181,7 +214,7 @@ def _device(config: Config) -> str:
 
 
 def _train_phases(network: Network, datamodule: ImageDataModule, config: Config, paths: RunPaths,
-                  started: float, progress: bool = True) -> list[dict]:
+                  started: float, progress: bool = True, callbacks: tuple = ()) -> list[dict]:
     state = _read_state(paths)
     depths = resolve_depths(config.train.unfreeze, config.train.max_unfreeze, network.num_stages)
     phases = [Phase(None)] + [Phase(d) for d in depths]
@@ -191,19 +224,24 @@ def _train_phases(network: Network, datamodule: ImageDataModule, config: Config,
             continue
         if state["best"]:
             network.load_state_dict(load_file(paths.phases / f"{state['best']}.safetensors"))
-        if _should_stop_deeper(phase, state, config, started):
+        if distributed.from_main(_should_stop_deeper(phase, state, config, started)):  # ranks' clocks differ
             break
-        result = _fit_phase(network, phase, datamodule, inputs, config, paths, progress)
-        save_file({k: v.contiguous() for k, v in network.state_dict().items()},
-                  paths.phases / f"{phase.name}.safetensors")
-        state["done"][phase.name] = result
-        if state["best"] is None or result["val_acc"] > state["done"][state["best"]]["val_acc"]:
-            state["best"] = phase.name
-        _write_state(paths, state)
+        result = _fit_phase(network, phase, datamodule, inputs, config, paths, progress, callbacks)
+        state = distributed.on_main(_save_phase, network, phase, result, state, paths)
         console.print(f"{phase.name}: val accuracy {result['val_acc']:.4f} ({result['epochs']} epochs, "
                       f"{result['seconds']:.0f} s)")
     network.load_state_dict(load_file(paths.phases / f"{state['best']}.safetensors"))
     return [{"phase": name, **info, "best": name == state["best"]} for name, info in state["done"].items()]
+
+
+def _save_phase(network: Network, phase: Phase, result: dict, state: dict, paths: RunPaths) -> dict:
+    """The phase's weights and the run state, written by rank 0; every rank continues from this state."""
+    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, paths.phases / f"{phase.name}.safetensors")
+    state["done"][phase.name] = result
+    if state["best"] is None or result["val_acc"] > state["done"][state["best"]]["val_acc"]:
+        state["best"] = phase.name
+    _write_state(paths, state)
+    return state
 
 
 def _should_stop_deeper(phase: Phase, state: dict, config: Config, started: float) -> bool:
@@ -234,15 +272,18 @@ def _should_stop_deeper(phase: Phase, state: dict, config: Config, started: floa
 
 def _cached_inputs(network, datamodule, config, paths, depths) -> dict:
     """Frozen-prefix activations for train (augmented views) and val, for every boundary needed."""
+    if paths.shared_features is not None:  # tuning: every cut any trial may want, captured once
+        depths = range(1, config.train.max_unfreeze + 1)
     cut_depths = [d for d in depths if 0 < d < network.num_stages]
     device = _device(config)
     console.print(f"caching frozen-prefix activations ({config.train.cache_views} views) on {device}...")
     began = time.perf_counter()
     train = compute_activations(network, datamodule.dataset("train", augment=device == "cpu"), cut_depths,
                                 paths.features / "train", views=config.train.cache_views, device=device,
-                                workers=datamodule.workers, batch_augment=_batch_augment(config, device))
+                                workers=datamodule.workers, batch_augment=_batch_augment(config, device),
+                                sharded=True)
     val = compute_activations(network, datamodule.dataset("val"), cut_depths, paths.features / "val",
-                              views=1, device=device, workers=datamodule.workers)
+                              views=1, device=device, workers=datamodule.workers, sharded=True)
     network.to("cpu")
     console.print(f"cached in {time.perf_counter() - began:.0f} s")
     return {"train": train, "val": val}
@@ -268,14 +309,16 @@ def _loaders(phase: Phase, datamodule: ImageDataModule, inputs: dict, config: Co
 
 
 def _fit_phase(network, phase: Phase, datamodule, inputs, config: Config, paths: RunPaths,
-               progress: bool = True) -> dict:
+               progress: bool = True, callbacks: tuple = ()) -> dict:
     began = time.perf_counter()
     (train_loader, val_loader), kind, extra_callbacks = _loaders(phase, datamodule, inputs, config)
     stage: StageConfig = config.train.stage1 if phase.stage == 1 else config.train.stage2
     weights = class_weights(datamodule.labels("train"), len(datamodule.classes)) \
         if config.data.balance == "weights" else None
+    plan = _plan(config)
     optimization = Optimization(lr=stage.lr, weight_decay=stage.weight_decay, epochs=stage.epochs,
-                                steps_per_epoch=len(train_loader), warmup_epochs=stage.warmup_epochs,
+                                steps_per_epoch=_steps_per_epoch(train_loader, plan.world),
+                                warmup_epochs=stage.warmup_epochs,
                                 label_smoothing=config.train.label_smoothing)
     module = PhaseModule(network, phase, kind, optimization, train_bn=config.train.train_bn, class_weights=weights,
                          batch_augment=_batch_augment(config, _device(config)))
@@ -283,13 +326,15 @@ def _fit_phase(network, phase: Phase, datamodule, inputs, config: Config, paths:
     checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val_acc", mode="max",
                                  save_top_k=1, save_last=True)
     callbacks = [checkpoint, EarlyStopping("val_acc", mode="max", patience=stage.patience),
-                 HistoryWriter(paths.history, phase.name, phase.stage), *extra_callbacks]
+                 HistoryWriter(paths.history, phase.name, phase.stage), *extra_callbacks, *callbacks]
     if progress:
         callbacks.append(RichProgressBar(console_kwargs={"stderr": True}))  # stdout stays clean for --json
     trainer = L.Trainer(max_epochs=stage.epochs, accelerator=config.train.accelerator,
-                        devices=_devices(config.train.devices), precision=_precision(config),
-                        callbacks=callbacks, logger=CSVLogger(paths.root, name="logs", version=phase.name),
-                        num_sanity_val_steps=0, enable_model_summary=False, log_every_n_steps=10,
+                        devices=plan.devices, num_nodes=plan.num_nodes, strategy=plan.strategy,
+                        precision=_precision(config),
+                        callbacks=callbacks, logger=make_loggers(config.train.logger, paths.root, phase.name),
+                        num_sanity_val_steps=0, enable_model_summary=False,
+                        log_every_n_steps=max(1, min(10, optimization.steps_per_epoch)),
                         enable_progress_bar=progress,
                         default_root_dir=paths.root)
     last = checkpoint_dir / "last.ckpt"
@@ -308,8 +353,34 @@ def _precision(config: Config) -> str:
     return "bf16-mixed" if _device(config) == "cuda" else "32-true"
 
 
-def _devices(devices: str):
-    return int(devices) if str(devices).isdigit() else devices
+def _plan(config: Config) -> distributed.Plan:
+    t = config.train
+    return distributed.plan(t.devices, t.num_nodes, t.strategy, cuda=_device(config) == "cuda")
+
+
+def _saved_config(resume) -> Config:
+    """The config a run to resume was started with (its processes are planned from it)."""
+    path = RunPaths(resume).config
+    return load_config(path) if path.is_file() else Config()  # no run there: _open_run says so
+
+
+def _steps_per_epoch(loader: DataLoader, world: int) -> int:
+    """Optimizer steps per epoch on each rank: Lightning's DistributedSampler gives each 1/world of the data."""
+    if world == 1:
+        return len(loader)
+    return math.ceil(math.ceil(len(loader.sampler) / world) / loader.batch_size)
+
+
+def _write_shares(paths: RunPaths) -> None:
+    """distributed.json: how many items each rank computed in each sharded step (lists in rank order)."""
+    if distributed.world_size() == 1:
+        return
+    shares = distributed.each_rank(distributed.take_shares)
+    steps = sorted({step for share in shares for step in share})
+    if distributed.is_main():
+        table = {"world_size": len(shares), "launcher": distributed.launcher(),
+                 "shares": {step: [share.get(step, 0) for share in shares] for step in steps}}
+        (paths.root / "distributed.json").write_text(json.dumps(table, indent=2))
 
 
 def _read_state(paths: RunPaths) -> dict:

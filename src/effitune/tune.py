@@ -1,0 +1,334 @@
+"""`effitune tune`: an Optuna search over the training recipe, cheap because trials share the work.
+
+All trials of a study use one split (the study folder's manifest.csv), the resize-once image cache
+and one frozen-prefix activation cache per (resolution, augmentation), so a head-only trial costs
+seconds. Trials are scored on the validation split only: the test split is never looked at here.
+Weak trials are pruned (Optuna's median pruner, fed the best validation accuracy after every epoch).
+The study lives in SQLite (study.db in the study folder) and an interrupted `tune` continues where it
+stopped. The best configuration is written as a preset (best.yaml: only what differs from the
+defaults) that `effitune train --config` takes. Trial 0 is the default recipe, so the study shows
+what tuning gained.
+"""
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import yaml
+
+from .config import Config, ConfigError, config_from_dict, load_config, save_config, validate
+from .errors import UserError
+
+# name -> (kind, choices or (low, high)). "size" choices are filled from the data (see size_choices).
+SEARCH_SPACE: dict[str, tuple] = {
+    "train.stage1.lr": ("log", (3e-4, 1e-2)),  # head learning rate
+    "train.lr_factor": ("log", (0.03, 0.5)),  # stage-2 lr = stage-1 lr x this
+    "train.unfreeze": ("choice", ("auto", "0", "1", "2", "3")),
+    "data.image_size": ("size", ()),
+    "data.augment": ("choice", ("none", "light", "standard", "strong")),
+    "train.label_smoothing": ("float", (0.0, 0.2)),
+    "model.dropout": ("float", (0.0, 0.5)),
+}
+STUDY_NAME = "effitune"
+
+
+@dataclass
+class TuneResult:
+    folder: Path
+    preset: Path  # best.yaml
+    best_value: float  # validation accuracy of the best trial
+    best_params: dict[str, Any]
+    default_value: float | None  # validation accuracy of trial 0 (the defaults), when it finished
+    trials: list[dict] = field(default_factory=list)
+
+
+def tune(data: str | Path | None = None, *, out: str | Path = "runs/tune", trials: int = 20,
+         budget_min: float | None = None, config: Config | None = None, manifest: str | Path | None = None,
+         params: list[str] | None = None, epochs: int | None = None, seed: int = 0,
+         cache_root: str | Path | None = None) -> TuneResult:
+    """Run (or continue) a study of `trials` trials in `out`; return the best and write best.yaml.
+
+    `params`: which SEARCH_SPACE entries to tune (default: all). `epochs`: epochs per phase for
+    trials (default: the usual size-based number; early stopping still applies). `budget_min`: no
+    new trial starts after that many minutes and a running one stops at its next batch.
+    """
+    import optuna
+
+    folder = Path(out)
+    started = time.perf_counter()
+    if config is not None and (str(config.train.devices) not in ("auto", "1") or (config.train.num_nodes or 1) > 1):
+        raise UserError("tune runs its trials one after another in this process: leave train.devices at auto or 1 "
+                        "and train.num_nodes unset (train the best preset on several devices afterwards).")
+    base = _open_study_folder(folder, data, config, manifest)
+    size, native = chosen_size(base, folder / "manifest.csv")
+    space = _space(params, size, native)
+    study = _load_study(folder, seed)
+    if not study.trials:
+        study.enqueue_trial(default_params(space, size), user_attrs={"defaults": True})
+    finished = [t for t in study.trials if t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL]
+    remaining = max(0, trials - len(finished))
+    deadline = None if budget_min is None else started + 60 * budget_min
+    objective = _Objective(folder, base, space, epochs, deadline, cache_root, size)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if remaining:
+        study.optimize(objective, n_trials=remaining, timeout=_seconds_left(deadline), catch=(UserError,),
+                       callbacks=[_print_trial])
+    return _summarize(study, folder, base, space)
+
+
+# --- the study folder --------------------------------------------------------------------------
+
+def _open_study_folder(folder: Path, data, config: Config | None, manifest) -> Config:
+    """base.yaml + manifest.csv are made once; a resumed study must not change them."""
+    from .training.run import RunPaths, _scan_and_split  # the same scan -> duplicate-aware split as `train`
+    from .data.split import read_manifest, write_manifest
+
+    base_path, manifest_path = folder / "base.yaml", folder / "manifest.csv"
+    if base_path.is_file() and manifest_path.is_file():
+        stored = load_config(base_path)
+        if config is not None and config.to_dict() != stored.to_dict():
+            raise UserError(f"{folder} holds a study started with another base config ({base_path}). Continue it "
+                            "without --config, or pass a new --out folder.")
+        return stored
+    config = copy.deepcopy(config) if config is not None else Config()
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = read_manifest(manifest) if manifest else _scan_and_split(data, RunPaths(folder), config)
+    write_manifest(rows, manifest_path)
+    save_config(config, base_path)
+    return config
+
+
+def _load_study(folder: Path, seed: int):
+    import optuna
+
+    with warnings.catch_warnings():  # heartbeats are marked experimental; they are what makes kill -9 safe
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(
+            f"sqlite:///{(folder / 'study.db').resolve()}", heartbeat_interval=10, grace_period=30,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+    return optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize", load_if_exists=True,
+                               sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=8),
+                               pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=3))
+
+
+def _seconds_left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(1.0, deadline - time.perf_counter())
+
+
+# --- the search space -----------------------------------------------------------------------------
+
+def _space(params: list[str] | None, size: int, native: int) -> dict[str, tuple]:
+    names = list(SEARCH_SPACE) if not params else [_resolve_param(name) for name in params]
+    space = {name: SEARCH_SPACE[name] for name in names}
+    if "data.image_size" in space:
+        space["data.image_size"] = ("choice", tuple(size_choices(size, native)))
+    return space
+
+
+def _resolve_param(name: str) -> str:
+    """Full names (train.stage1.lr) or their last part (lr_factor, augment, dropout...)."""
+    if name in SEARCH_SPACE:
+        return name
+    matches = [full for full in SEARCH_SPACE if full.split(".")[-1] == name or full.endswith("." + name)]
+    if len(matches) == 1:
+        return matches[0]
+    raise UserError(f"'{name}' is not a tunable parameter. Choose from: {', '.join(SEARCH_SPACE)}.")
+
+
+def chosen_size(base: Config, manifest_path: Path) -> tuple[int, int]:
+    """(the size `train` would pick for this data, the backbone's native size)."""
+    from .data.split import read_manifest
+    from .training.run import _build_network, choose_image_size
+
+    rows = read_manifest(manifest_path)
+    network, _ = _build_network(base, len({row["label"] for row in rows}))
+    native = int(network.backbone.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    return int(base.data.image_size or choose_image_size(rows, network)), native
+
+
+def size_choices(chosen: int, native: int) -> list[int]:
+    """The chosen size and one step (32 px) either side, within [64, native]."""
+    return sorted({size for size in (chosen - 32, chosen, chosen + 32) if 64 <= size <= max(native, chosen)})
+
+
+def default_params(space: dict[str, tuple], size: int) -> dict[str, Any]:
+    """The default recipe, expressed in the search space (trial 0)."""
+    defaults = Config()
+    values = {}
+    for name, (kind, _) in space.items():
+        if name == "data.image_size":
+            values[name] = size  # the size `train` would choose
+        else:
+            value = _get(defaults, name)
+            values[name] = str(value) if kind == "choice" else value
+    return values
+
+
+def suggest(trial, space: dict[str, tuple]) -> dict[str, Any]:
+    values = {}
+    for name, (kind, bounds) in space.items():
+        if kind == "log":
+            values[name] = trial.suggest_float(name, *bounds, log=True)
+        elif kind == "float":
+            values[name] = trial.suggest_float(name, *bounds)
+        else:
+            values[name] = trial.suggest_categorical(name, list(bounds))
+    return values
+
+
+def trial_config(base: Config, values: dict[str, Any], epochs: int | None = None) -> Config:
+    config = config_from_dict(base.to_dict())
+    for name, value in values.items():
+        _set(config, name, value)
+    config.train.stage2.lr = None  # follows stage1.lr x lr_factor
+    config.train.devices = "1"  # trials are short and share caches: one process each, one after another
+    if epochs:
+        config.train.stage1.epochs = config.train.stage2.epochs = epochs
+    validate(config)
+    return config
+
+
+def _get(config: Config, dotted: str):
+    value: Any = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _set(config: Config, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    target: Any = config
+    for part in parents:
+        target = getattr(target, part)
+    setattr(target, leaf, value)
+
+
+# --- one trial -------------------------------------------------------------------------------------
+
+class _Objective:
+    def __init__(self, folder: Path, base: Config, space: dict, epochs: int | None, deadline: float | None,
+                 cache_root, size: int):
+        self.folder, self.base, self.space, self.epochs = folder, base, space, epochs
+        self.deadline, self.cache_root, self.size = deadline, cache_root, size
+
+    def __call__(self, trial) -> float:
+        from .training.run import train
+
+        values = suggest(trial, self.space)
+        config = trial_config(self.base, {"data.image_size": self.size, **values}, self.epochs)
+        if self.deadline is not None:
+            config.train.time_budget_min = max(0.0, (self.deadline - time.perf_counter()) / 60)
+        run_dir = self.folder / "trials" / f"{trial.number:04d}"
+        shutil.rmtree(run_dir, ignore_errors=True)  # a retried trial starts clean
+        features = self.folder / "features" / f"{config.model.backbone}-{config.data.image_size}px-{config.data.augment}"
+        reporter = ReportToTrial(trial, self.deadline)
+        try:
+            result = train(out=run_dir, config=config, manifest=self.folder / "manifest.csv", progress=False,
+                           cache_root=self.cache_root, features_dir=features, callbacks=(reporter,), finish=False)
+        finally:
+            _drop_weights(run_dir)
+        trial.set_user_attr("phases", [{k: p[k] for k in ("phase", "val_acc", "epochs", "seconds")}
+                                       for p in result.phases])
+        trial.set_user_attr("seconds", result.metrics["wall_seconds"])
+        return result.metrics["val_acc"]
+
+
+class ReportToTrial(L.Callback):
+    """After every validation: report the trial's best accuracy so far; prune weak trials; obey the budget."""
+
+    def __init__(self, trial, deadline: float | None = None):
+        self.trial, self.deadline = trial, deadline
+        self.step, self.best = 0, 0.0
+
+    def on_validation_end(self, trainer, pl_module):
+        import optuna
+
+        if trainer.sanity_checking or "val_acc" not in trainer.callback_metrics:
+            return
+        self.best = max(self.best, float(trainer.callback_metrics["val_acc"]))
+        self.trial.report(self.best, self.step)
+        self.step += 1
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"validation accuracy {self.best:.4f} after {self.step} epochs is below the "
+                                     "median of earlier trials")
+
+    def on_train_batch_end(self, trainer, *args):
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            trainer.should_stop = True  # the budget is spent: finish this epoch's validation and stop
+
+
+def _drop_weights(run_dir: Path) -> None:
+    """Trials keep their config, history and state; phase weights and checkpoints go (the preset is the result)."""
+    for name in ("phases", "checkpoints"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+
+
+def _print_trial(study, trial) -> None:
+    from rich.console import Console
+
+    value = f"{trial.value:.4f}" if trial.value is not None else trial.state.name.lower()
+    best = f"{study.best_value:.4f}" if any(t.value is not None for t in study.trials) else "-"
+    shown = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in trial.params.items())
+    Console(stderr=True).print(f"trial {trial.number}: {value} (best {best})  {shown}", highlight=False)
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+# --- the result ------------------------------------------------------------------------------------
+
+def _summarize(study, folder: Path, base: Config, space: dict) -> TuneResult:
+    import optuna
+
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not done:
+        raise UserError(f"No trial of the study in {folder} finished: see the messages above; raise --budget "
+                        "or lower --trials/--epochs.")
+    best = study.best_trial
+    defaults = next((t for t in done if t.user_attrs.get("defaults")), None)
+    chosen = trial_config(base, best.params)
+    chosen.train.devices = base.train.devices  # trials ran in one process; the preset need not
+    preset = write_preset(chosen, folder / "best.yaml",
+                          header=f"effitune tune: best of {len(done)} finished trials, validation accuracy "
+                                 f"{best.value:.4f}" + (f" (defaults: {defaults.value:.4f})" if defaults else ""))
+    rows = [{"number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params,
+             "defaults": bool(t.user_attrs.get("defaults")), "seconds": t.user_attrs.get("seconds")}
+            for t in study.trials]
+    return TuneResult(folder, preset, best.value, best.params, defaults.value if defaults else None, rows)
+
+
+def preset_values(config: Config) -> dict:
+    """What differs from the defaults, nested by section (stage-2 lr left to follow lr_factor)."""
+    return _difference(config.to_dict(), Config().to_dict())
+
+
+def _difference(values: dict, defaults: dict) -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            nested = _difference(value, defaults.get(key, {}))
+            if nested:
+                out[key] = nested
+        elif value != defaults.get(key):
+            out[key] = value
+    return out
+
+
+def write_preset(config: Config, path: Path, header: str = "") -> Path:
+    """A YAML preset holding only the differences from the defaults, for `effitune train --config`."""
+    values = preset_values(config)
+    text = "".join(f"# {line}\n" for line in header.splitlines()) + yaml.safe_dump(values, sort_keys=False)
+    Path(path).write_text(text)
+    try:
+        load_config(path)  # what we write must load
+    except ConfigError as error:  # pragma: no cover - a bug, not a user mistake
+        raise RuntimeError(f"written preset {path} does not load: {error}") from error
+    return Path(path)
+
