@@ -12,7 +12,9 @@ import yaml
 import effitune.training.run as run_module
 from effitune.config import Config, load_config
 from effitune.errors import UserError
-from effitune.tune import ReportToTrial, _resolve_param, preset_values, tune, write_preset
+from effitune.training.stages import Phase
+from effitune.tune import (SEARCH_SPACE, ReportToTrial, _resolve_param, _space, default_params, preset_values,
+                           suggest, tune, write_preset)
 
 TINY = {"data.image_size": 64, "train.batch_size": 16, "train.unfreeze": "0"}
 
@@ -54,11 +56,14 @@ def test_weak_trials_are_pruned():
     weak = study.ask()
     callback = ReportToTrial(weak)
     trainer = SimpleNamespace(sanity_checking=False, callback_metrics={"val_acc": 0.3})
+    callback.on_validation_end(trainer, SimpleNamespace(phase=Phase(None)))  # stage 1 is never judged
+    assert callback.step == 0 and callback.best == 0.3
     with pytest.raises(optuna.TrialPruned):
-        callback.on_validation_end(trainer, None)
+        callback.on_validation_end(trainer, SimpleNamespace(phase=Phase(2)))
     strong = ReportToTrial(study.ask())
-    strong.on_validation_end(SimpleNamespace(sanity_checking=False, callback_metrics={"val_acc": 0.95}), None)
-    assert strong.best == 0.95
+    strong.on_validation_end(SimpleNamespace(sanity_checking=False, callback_metrics={"val_acc": 0.95}),
+                             SimpleNamespace(phase=Phase(1)))
+    assert strong.best == 0.95 and strong.step == 1
 
 
 def _states(folder: Path) -> list[str]:
@@ -91,12 +96,19 @@ def test_study_resumes_after_an_interruption_reusing_split_and_features(tiny_dat
     assert (out / "manifest.csv").read_bytes() == manifest  # same split
     assert (features / "train" / "activations.json").stat().st_mtime_ns == stamp  # features not recomputed
     assert result.default_value is not None and result.trials[0]["defaults"]
-    assert result.best_value == max(t["value"] for t in result.trials if t["value"] is not None)
+    finished = [t for t in result.trials if t["state"] == "complete"]
+    assert all(t["seeds"] == 3 for t in finished)  # every leader and the defaults re-trained with 2 more seeds
+    assert result.best_value == max(t["mean_value"] for t in finished)
+    assert result.default_value == next(t["mean_value"] for t in finished if t["defaults"])
+    assert sorted(p.name for p in (out / "trials").iterdir())[:3] == ["0000", "0000-seed1", "0000-seed2"]
     preset = load_config(result.preset)
     assert preset.train.stage1.lr == pytest.approx(result.best_params["train.stage1.lr"])
     assert preset.data.image_size == 64 and preset.train.unfreeze == "0"  # the base config travels too
+    assert preset.train.stage1.epochs == 2 == preset.train.stage2.epochs  # the schedule that was measured
     assert not list((out / "trials").glob("*/phases"))  # trials keep no weights
 
+    with pytest.raises(UserError, match="runs trials with --epochs 2"):
+        tune(out=out, trials=3, params=["lr", "dropout"], epochs=5, cache_root=cache)
     with pytest.raises(UserError, match="another base config"):
         tune(out=out, trials=3, config=Config(), params=["lr"], cache_root=cache)
 
@@ -114,3 +126,15 @@ def test_budget_stops_the_study_and_the_cli_reports_json(tiny_dataset_module, tm
     finished = [t for t in report["trials"] if t["state"] in ("complete", "pruned")]
     assert 1 <= len(finished) < 50
     assert Path(report["preset"]).is_file() and 0 <= report["best_value"] <= 1
+
+
+def test_trial_zero_is_exactly_the_default_recipe():
+    space = _space(None, 96, 224)
+    assert set(space) == set(SEARCH_SPACE)
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial(default_params(space, 96))
+    values = suggest(study.ask(), space)  # raises when a default is not a valid choice
+    defaults = Config()
+    assert values["train.stage1.lr"] == defaults.train.stage1.lr and values["data.image_size"] == 96
+    assert values["train.cache_views"] == defaults.train.cache_views and values["train.unfreeze"] == "auto"
+    assert values["data.augment"] == defaults.data.augment and values["model.dropout"] == defaults.model.dropout

@@ -14,8 +14,8 @@ Public API (the CLI is a thin layer over it)::
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["scan", "audit", "split", "train", "load", "Predictor", "tune", "list_runs", "Config", "load_config",
-           "UserError"]
+__all__ = ["scan", "audit", "split", "train", "load", "Predictor", "evaluate_bundle", "predict_to_file", "tune",
+           "list_runs", "Config", "load_config", "UserError"]
 
 from .config import Config, load_config
 from .errors import UserError
@@ -35,6 +35,12 @@ def __getattr__(name: str):
     if name == "train":
         from .training.run import train
         return train
+    if name == "evaluate_bundle":
+        from .evaluate.evaluate import evaluate_bundle
+        return evaluate_bundle
+    if name == "predict_to_file":
+        from .batch_predict import predict_to_file
+        return predict_to_file
     if name == "tune":
         from .tune import tune
         return tune

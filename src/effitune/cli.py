@@ -468,6 +468,8 @@ def tune(data: Optional[Path] = typer.Argument(None, help="Data folder / CSV (no
          model: Optional[str] = typer.Option(None, help="Backbone name."),
          batch_size: Optional[int] = typer.Option(None),
          seed: int = typer.Option(0, help="Sampler seed."),
+         confirm_top: int = typer.Option(3, help="Best trials re-trained with more seeds before choosing."),
+         confirm_seeds: int = typer.Option(2, help="Extra training seeds for them and the defaults (0: off)."),
          json_output: bool = typer.Option(False, "--json")):
     """Optuna search on cached features; writes best.yaml for `effitune train --config`."""
     try:
@@ -481,7 +483,7 @@ def tune(data: Optional[Path] = typer.Argument(None, help="Data folder / CSV (no
         raise UserError(f"--trials must be at least 1 (got {trials}).")
     result = run_tune(data, out=out, trials=trials, budget_min=budget, config=base, manifest=manifest,
                       params=[p.strip() for p in params.split(",") if p.strip()] if params else None,
-                      epochs=epochs, seed=seed)
+                      epochs=epochs, seed=seed, confirm_top=confirm_top, confirm_seeds=confirm_seeds)
     if json_output:
         print_json({"folder": str(result.folder), "preset": str(result.preset), "best_value": result.best_value,
                     "best_params": result.best_params, "default_value": result.default_value,

@@ -32,6 +32,7 @@ SEARCH_SPACE: dict[str, tuple] = {
     "train.unfreeze": ("choice", ("auto", "0", "1", "2", "3")),
     "data.image_size": ("size", ()),
     "data.augment": ("choice", ("none", "light", "standard", "strong")),
+    "train.cache_views": ("choice", (2, 4, 8)),  # augmented views cached per image (cycled over epochs)
     "train.label_smoothing": ("float", (0.0, 0.2)),
     "model.dropout": ("float", (0.0, 0.5)),
 }
@@ -42,21 +43,29 @@ STUDY_NAME = "effitune"
 class TuneResult:
     folder: Path
     preset: Path  # best.yaml
-    best_value: float  # validation accuracy of the best trial
+    best_value: float  # validation accuracy of the best trial (mean over its seeds when confirmed)
     best_params: dict[str, Any]
-    default_value: float | None  # validation accuracy of trial 0 (the defaults), when it finished
+    default_value: float | None  # the same for trial 0 (the defaults), when it finished
     trials: list[dict] = field(default_factory=list)
 
 
 def tune(data: str | Path | None = None, *, out: str | Path = "runs/tune", trials: int = 20,
          budget_min: float | None = None, config: Config | None = None, manifest: str | Path | None = None,
          params: list[str] | None = None, epochs: int | None = None, seed: int = 0,
-         cache_root: str | Path | None = None) -> TuneResult:
+         cache_root: str | Path | None = None, confirm_top: int = 3, confirm_seeds: int = 2) -> TuneResult:
     """Run (or continue) a study of `trials` trials in `out`; return the best and write best.yaml.
 
     `params`: which SEARCH_SPACE entries to tune (default: all). `epochs`: epochs per phase for
-    trials (default: the usual size-based number; early stopping still applies). `budget_min`: no
-    new trial starts after that many minutes and a running one stops at its next batch.
+    trials (default: the usual size-based number; early stopping still applies); the preset keeps
+    them, so `train --config best.yaml` runs the schedule that was measured (learning rates tuned for
+    6 epochs are not the best for 12). `budget_min`: no new trial starts after that many minutes and
+    a running one stops at its next batch.
+
+    One trial is one training seed, and on a few hundred validation images the seed alone moves
+    accuracy by a point or two: the best single trial is often a lucky draw. So the `confirm_top`
+    best trials and the defaults are trained again with `confirm_seeds` more seeds (time allowing)
+    and the preset is the best *mean*; when no trial beats the defaults on that mean, best.yaml says
+    so and holds the defaults.
     """
     import optuna
 
@@ -68,18 +77,20 @@ def tune(data: str | Path | None = None, *, out: str | Path = "runs/tune", trial
     base = _open_study_folder(folder, data, config, manifest)
     size, native = chosen_size(base, folder / "manifest.csv")
     space = _space(params, size, native)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial comes from _print_trial
     study = _load_study(folder, seed)
     if not study.trials:
         study.enqueue_trial(default_params(space, size), user_attrs={"defaults": True})
+    epochs = _study_epochs(study, epochs, folder)
     finished = [t for t in study.trials if t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL]
     remaining = max(0, trials - len(finished))
     deadline = None if budget_min is None else started + 60 * budget_min
     objective = _Objective(folder, base, space, epochs, deadline, cache_root, size)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     if remaining:
         study.optimize(objective, n_trials=remaining, timeout=_seconds_left(deadline), catch=(UserError,),
                        callbacks=[_print_trial])
-    return _summarize(study, folder, base, space)
+    confirm_leaders(study, objective, confirm_top, confirm_seeds)
+    return _summarize(study, folder, base, epochs)
 
 
 # --- the study folder --------------------------------------------------------------------------
@@ -114,7 +125,19 @@ def _load_study(folder: Path, seed: int):
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
     return optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize", load_if_exists=True,
                                sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=8),
-                               pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=3))
+                               pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2))
+
+
+def _study_epochs(study, epochs: int | None, folder: Path) -> int | None:
+    """Trials of one study share one schedule: the first call's `epochs`, kept in the study."""
+    if "trial_epochs" not in study.user_attrs:
+        study.set_user_attr("trial_epochs", epochs)
+        return epochs
+    stored = study.user_attrs["trial_epochs"]
+    if epochs is not None and epochs != stored:
+        raise UserError(f"The study in {folder} runs trials with --epochs {stored}; continue it with that (or "
+                        "without --epochs), or start a new study with another --out folder.")
+    return stored
 
 
 def _seconds_left(deadline: float | None) -> float | None:
@@ -161,13 +184,23 @@ def default_params(space: dict[str, tuple], size: int) -> dict[str, Any]:
     """The default recipe, expressed in the search space (trial 0)."""
     defaults = Config()
     values = {}
-    for name, (kind, _) in space.items():
+    for name, (kind, choices) in space.items():
         if name == "data.image_size":
             values[name] = size  # the size `train` would choose
         else:
             value = _get(defaults, name)
-            values[name] = str(value) if kind == "choice" else value
+            values[name] = _as_choice(value, choices) if kind == "choice" else value
     return values
+
+
+def _as_choice(value, choices: tuple):
+    """A default as one of the choices ("auto" stays "auto"; the config's 3 matches the choice "3")."""
+    if value in choices:
+        return value
+    match = [choice for choice in choices if str(choice) == str(value)]
+    if not match:
+        raise ValueError(f"default {value!r} is not among the choices {choices}")
+    return match[0]
 
 
 def suggest(trial, space: dict[str, tuple]) -> dict[str, Any]:
@@ -211,6 +244,21 @@ def _set(config: Config, dotted: str, value) -> None:
 
 # --- one trial -------------------------------------------------------------------------------------
 
+def run_config(folder: Path, config: Config, name: str, cache_root=None, callbacks: tuple = ()):
+    """Train one configuration on the study's split and shared caches (validation only): trials/NAME."""
+    from .training.run import train
+
+    run_dir = folder / "trials" / name
+    shutil.rmtree(run_dir, ignore_errors=True)  # a retried trial starts clean
+    features = folder / "features" / (f"{config.model.backbone}-{config.data.image_size}px-"
+                                      f"{config.data.augment}-{config.train.cache_views}views")
+    try:
+        return train(out=run_dir, config=config, manifest=folder / "manifest.csv", progress=False,
+                     cache_root=cache_root, features_dir=features, callbacks=callbacks, finish=False)
+    finally:
+        _drop_weights(run_dir)
+
+
 class _Objective:
     def __init__(self, folder: Path, base: Config, space: dict, epochs: int | None, deadline: float | None,
                  cache_root, size: int):
@@ -218,21 +266,12 @@ class _Objective:
         self.deadline, self.cache_root, self.size = deadline, cache_root, size
 
     def __call__(self, trial) -> float:
-        from .training.run import train
-
         values = suggest(trial, self.space)
         config = trial_config(self.base, {"data.image_size": self.size, **values}, self.epochs)
         if self.deadline is not None:
             config.train.time_budget_min = max(0.0, (self.deadline - time.perf_counter()) / 60)
-        run_dir = self.folder / "trials" / f"{trial.number:04d}"
-        shutil.rmtree(run_dir, ignore_errors=True)  # a retried trial starts clean
-        features = self.folder / "features" / f"{config.model.backbone}-{config.data.image_size}px-{config.data.augment}"
         reporter = ReportToTrial(trial, self.deadline)
-        try:
-            result = train(out=run_dir, config=config, manifest=self.folder / "manifest.csv", progress=False,
-                           cache_root=self.cache_root, features_dir=features, callbacks=(reporter,), finish=False)
-        finally:
-            _drop_weights(run_dir)
+        result = run_config(self.folder, config, f"{trial.number:04d}", self.cache_root, (reporter,))
         trial.set_user_attr("phases", [{k: p[k] for k in ("phase", "val_acc", "epochs", "seconds")}
                                        for p in result.phases])
         trial.set_user_attr("seconds", result.metrics["wall_seconds"])
@@ -240,7 +279,11 @@ class _Objective:
 
 
 class ReportToTrial(L.Callback):
-    """After every validation: report the trial's best accuracy so far; prune weak trials; obey the budget."""
+    """After every stage-2 epoch: report the trial's best accuracy so far and prune weak trials; obey the budget.
+
+    Stage 1 (the head on cached pooled features) costs seconds and says little about where stage 2
+    ends, so pruning waits for stage 2: steps count stage-2 epochs, values include stage 1's best.
+    """
 
     def __init__(self, trial, deadline: float | None = None):
         self.trial, self.deadline = trial, deadline
@@ -252,11 +295,13 @@ class ReportToTrial(L.Callback):
         if trainer.sanity_checking or "val_acc" not in trainer.callback_metrics:
             return
         self.best = max(self.best, float(trainer.callback_metrics["val_acc"]))
+        if getattr(getattr(pl_module, "phase", None), "stage", 2) != 2:
+            return
         self.trial.report(self.best, self.step)
         self.step += 1
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"validation accuracy {self.best:.4f} after {self.step} epochs is below the "
-                                     "median of earlier trials")
+            raise optuna.TrialPruned(f"validation accuracy {self.best:.4f} after {self.step} stage-2 epochs is "
+                                     "below the median of earlier trials")
 
     def on_train_batch_end(self, trainer, *args):
         if self.deadline is not None and time.perf_counter() > self.deadline:
@@ -272,7 +317,9 @@ def _drop_weights(run_dir: Path) -> None:
 def _print_trial(study, trial) -> None:
     from rich.console import Console
 
-    value = f"{trial.value:.4f}" if trial.value is not None else trial.state.name.lower()
+    value = f"{trial.value:.4f}" if trial.state.name == "COMPLETE" else trial.state.name.lower()
+    if trial.state.name == "PRUNED" and trial.intermediate_values:
+        value = f"pruned at {max(trial.intermediate_values.values()):.4f}"
     best = f"{study.best_value:.4f}" if any(t.value is not None for t in study.trials) else "-"
     shown = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in trial.params.items())
     Console(stderr=True).print(f"trial {trial.number}: {value} (best {best})  {shown}", highlight=False)
@@ -282,26 +329,82 @@ def _short(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
+# --- confirming the leaders ---------------------------------------------------------------------------
+
+def confirm_leaders(study, objective: "_Objective", top: int, seeds: int) -> None:
+    """Re-train the defaults and the `top` best trials with `seeds` more training seeds (kept in the study)."""
+    import optuna
+
+    if top < 1 or seeds < 1:
+        return
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    leaders = [t for t in done if t.user_attrs.get("defaults")]  # first: every leader is compared with it
+    leaders += sorted((t for t in done if not t.user_attrs.get("defaults")), key=lambda t: -t.value)[:top]
+    scores = dict(study.user_attrs.get("confirmation", {}))
+    for trial in leaders:
+        for extra in range(1, seeds + 1):
+            key = f"{trial.number}/{extra}"
+            if key in scores:
+                continue
+            if objective.deadline is not None and time.perf_counter() > objective.deadline:
+                console().print("budget spent: the remaining leaders are judged on fewer seeds")
+                return
+            config = trial_config(objective.base, {"data.image_size": objective.size, **trial.params},
+                                  objective.epochs)
+            config.train.seed = objective.base.train.seed + extra
+            result = run_config(objective.folder, config, f"{trial.number:04d}-seed{config.train.seed}",
+                                objective.cache_root)
+            scores[key] = result.metrics["val_acc"]
+            study.set_user_attr("confirmation", scores)  # saved at once: an interruption keeps it
+        values = confirmed_values(trial, scores)
+        console().print(f"trial {trial.number}: mean validation accuracy {sum(values) / len(values):.4f} over "
+                        f"{len(values)} seeds", highlight=False)
+
+
+def confirmed_values(trial, scores: dict) -> list[float]:
+    """The trial's own value and those of its re-runs with other seeds."""
+    return [trial.value] + [v for k, v in scores.items() if k.split("/")[0] == str(trial.number)]
+
+
+def console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
 # --- the result ------------------------------------------------------------------------------------
 
-def _summarize(study, folder: Path, base: Config, space: dict) -> TuneResult:
+def _summarize(study, folder: Path, base: Config, epochs: int | None) -> TuneResult:
     import optuna
 
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
         raise UserError(f"No trial of the study in {folder} finished: see the messages above; raise --budget "
                         "or lower --trials/--epochs.")
-    best = study.best_trial
+    scores = study.user_attrs.get("confirmation", {})
+    mean = {t.number: _mean(confirmed_values(t, scores)) for t in done}
+    seeds = {t.number: len(confirmed_values(t, scores)) for t in done}
+    most = max(seeds.values())  # compare like with like: only trials confirmed on the most seeds
+    best = max((t for t in done if seeds[t.number] == most), key=lambda t: mean[t.number])
     defaults = next((t for t in done if t.user_attrs.get("defaults")), None)
-    chosen = trial_config(base, best.params)
+    chosen = trial_config(base, best.params, epochs)
     chosen.train.devices = base.train.devices  # trials ran in one process; the preset need not
-    preset = write_preset(chosen, folder / "best.yaml",
-                          header=f"effitune tune: best of {len(done)} finished trials, validation accuracy "
-                                 f"{best.value:.4f}" + (f" (defaults: {defaults.value:.4f})" if defaults else ""))
+    schedule = f" with {epochs} epochs per phase" if epochs else ""
+    over = f"mean over {most} seeds " if most > 1 else ""
+    verdict = ("no trial beat the defaults: this preset is the default recipe" if defaults is not None
+               and best.number == defaults.number else f"trial {best.number}")
+    header = (f"effitune tune: {verdict}; best of {len(done)} finished trials{schedule}, validation accuracy "
+              f"{over}{mean[best.number]:.4f}" + (f" (defaults: {mean[defaults.number]:.4f})" if defaults else ""))
+    preset = write_preset(chosen, folder / "best.yaml", header=header)
     rows = [{"number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params,
-             "defaults": bool(t.user_attrs.get("defaults")), "seconds": t.user_attrs.get("seconds")}
-            for t in study.trials]
-    return TuneResult(folder, preset, best.value, best.params, defaults.value if defaults else None, rows)
+             "defaults": bool(t.user_attrs.get("defaults")), "seconds": t.user_attrs.get("seconds"),
+             "mean_value": mean.get(t.number), "seeds": seeds.get(t.number)} for t in study.trials]
+    return TuneResult(folder, preset, mean[best.number], best.params,
+                      mean[defaults.number] if defaults else None, rows)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def preset_values(config: Config) -> dict:

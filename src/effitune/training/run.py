@@ -77,6 +77,7 @@ class TrainResult:
     bundle: Path
     metrics: dict
     phases: list[dict] = field(default_factory=list)
+    report: Path | None = None  # report.html (None when it could not be written, or not asked for)
 
 
 def default_cache_root() -> Path:
@@ -134,8 +135,8 @@ def train(data: str | Path | None = None, *, out: str | Path = "runs/run", confi
         return TrainResult(paths.root, paths.model, {}, phase_log)
     metrics = _evaluate_and_bundle(network, datamodule, config, paths, classes, weight_source, phase_log,
                                    started, unknown_dir)
-    report_after_training(paths.root, device=_device(config), cache=cache.folder.parent)  # warns, never raises
-    return TrainResult(paths.root, paths.model, metrics, phase_log)
+    report = report_after_training(paths.root, device=_device(config), cache=cache.folder.parent)  # never raises
+    return TrainResult(paths.root, paths.model, metrics, phase_log, report)
 
 
 # --- opening a run ------------------------------------------------------------------------------
@@ -311,6 +312,9 @@ def _loaders(phase: Phase, datamodule: ImageDataModule, inputs: dict, config: Co
 def _fit_phase(network, phase: Phase, datamodule, inputs, config: Config, paths: RunPaths,
                progress: bool = True, callbacks: tuple = ()) -> dict:
     began = time.perf_counter()
+    # Shuffling, dropout and augmentation depend on the seed alone, not on what ran before in this
+    # process (a freshly computed or a reused feature cache, earlier tuning trials).
+    L.seed_everything(config.train.seed, workers=True, verbose=False)
     (train_loader, val_loader), kind, extra_callbacks = _loaders(phase, datamodule, inputs, config)
     stage: StageConfig = config.train.stage1 if phase.stage == 1 else config.train.stage2
     weights = class_weights(datamodule.labels("train"), len(datamodule.classes)) \
