@@ -21,33 +21,19 @@ from .config import Config, load_config
 from .errors import UserError
 
 
+# name -> (module, attribute). Lazy: `import effitune` stays fast; torch and friends load on first use.
+_LAZY = {
+    "scan": (".data.scan", "scan"), "audit": (".data.audit", "audit"), "split": (".data.split", "split_records"),
+    "train": (".training.run", "train"), "evaluate_bundle": (".evaluate.evaluate", "evaluate_bundle"),
+    "predict_to_file": (".batch_predict", "predict_to_file"), "tune": (".tune", "tune"),
+    "list_runs": (".runs", "list_runs"), "load": (".predict", "load"), "Predictor": (".predict", "Predictor"),
+}
+
+
 def __getattr__(name: str):
-    # Lazy: `import effitune` stays fast; torch and friends load on first use.
-    if name == "scan":
-        from .data.scan import scan
-        return scan
-    if name == "audit":
-        from .data.audit import audit
-        return audit
-    if name == "split":
-        from .data.split import split_records
-        return split_records
-    if name == "train":
-        from .training.run import train
-        return train
-    if name == "evaluate_bundle":
-        from .evaluate.evaluate import evaluate_bundle
-        return evaluate_bundle
-    if name == "predict_to_file":
-        from .batch_predict import predict_to_file
-        return predict_to_file
-    if name == "tune":
-        from .tune import tune
-        return tune
-    if name == "list_runs":
-        from .runs import list_runs
-        return list_runs
-    if name in ("load", "Predictor"):
-        from . import predict
-        return getattr(predict, name)
-    raise AttributeError(f"module 'effitune' has no attribute {name!r}")
+    if name not in _LAZY:
+        raise AttributeError(f"module 'effitune' has no attribute {name!r}")
+    import importlib
+
+    module, attribute = _LAZY[name]
+    return getattr(importlib.import_module(module, __name__), attribute)
