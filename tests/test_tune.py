@@ -116,7 +116,7 @@ def test_study_resumes_after_an_interruption_reusing_split_and_features(tiny_dat
 def test_budget_stops_the_study_and_the_cli_reports_json(tiny_dataset_module, tmp_path):
     out = tmp_path / "study"
     command = [sys.executable, "-m", "effitune.cli", "tune", str(tiny_dataset_module), "--out", str(out),
-               "--trials", "50", "--budget", "0.3", "--params", "lr,label_smoothing", "--epochs", "2",
+               "--trials", "1000", "--budget", "0.3", "--params", "lr,label_smoothing", "--epochs", "2",
                "--batch-size", "16", "--json"]
     (tmp_path / "base.yaml").write_text(yaml.safe_dump({"data": {"image_size": 64}, "train": {"unfreeze": "0"}}))
     result = subprocess.run([*command, "--config", str(tmp_path / "base.yaml")], capture_output=True, text=True,
@@ -124,7 +124,7 @@ def test_budget_stops_the_study_and_the_cli_reports_json(tiny_dataset_module, tm
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     finished = [t for t in report["trials"] if t["state"] in ("complete", "pruned")]
-    assert 1 <= len(finished) < 50
+    assert 1 <= len(finished) < 1000  # head-only trials of 2 epochs take well under a second each
     assert Path(report["preset"]).is_file() and 0 <= report["best_value"] <= 1
 
 

@@ -463,7 +463,8 @@ def tune(data: Optional[Path] = typer.Argument(None, help="Data folder / CSV (no
          config: Optional[Path] = typer.Option(None, help="Base YAML config the trials start from."),
          manifest: Optional[Path] = typer.Option(None, help="Reuse an existing manifest.csv."),
          params: Optional[str] = typer.Option(None, help="Comma-separated parameters to tune (default: all): "
-                                              "lr, lr_factor, unfreeze, image_size, augment, label_smoothing, dropout."),
+                                              "lr, lr_factor, unfreeze, image_size, augment, cache_views, label_smoothing, "
+                                              "dropout, train_bn."),
          epochs: Optional[int] = typer.Option(None, help="Epochs per phase in trials (default: from data size)."),
          model: Optional[str] = typer.Option(None, help="Backbone name."),
          batch_size: Optional[int] = typer.Option(None),

@@ -35,6 +35,8 @@ SEARCH_SPACE: dict[str, tuple] = {
     "train.cache_views": ("choice", (2, 4, 8)),  # augmented views cached per image (cycled over epochs)
     "train.label_smoothing": ("float", (0.0, 0.2)),
     "model.dropout": ("float", (0.0, 0.5)),
+    # BatchNorm of the trainable tail: frozen (default) or adapting to the new data (far from ImageNet)
+    "train.train_bn": ("choice", (False, True)),
 }
 STUDY_NAME = "effitune"
 

@@ -1,6 +1,8 @@
 """Which parameters learn in each phase, and that frozen BatchNorm statistics never move."""
+import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from effitune.models.backbones import create_backbone, num_stages
 from effitune.models.network import Network
@@ -72,3 +74,35 @@ def test_resolve_depths():
     assert resolve_depths(0, 3, stages) == []
     assert resolve_depths("all", 3, stages) == [-1]
     assert resolve_depths(99, 3, stages) == [-1]
+
+
+@pytest.mark.parametrize("left_in", ["train", "eval"])
+@pytest.mark.parametrize("phase, inputs", [(Phase(None), "features"), (Phase(1), "prefix"), (Phase(-1), "images")])
+def test_lightning_fit_trains_in_the_phase_modes_whatever_mode_the_network_was_left_in(left_in, phase, inputs):
+    """Lightning does not call .train() when fitting starts: a network left in eval mode (the caching pass
+    does that) must still train with dropout on, one left in train mode must not move frozen BN statistics."""
+    network = make_network()
+    network.dropout.p = 0.5
+    network.eval()
+    with torch.no_grad():
+        images = torch.rand(8, 3, 64, 64)
+        x = {"features": network.features(images), "prefix": network.prefix(images, 1), "images": images}[inputs]
+    getattr(network, left_in)()
+    before = bn_stats(network)
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            bn_training = {m.training for m in network.modules() if isinstance(m, BATCHNORM_TYPES)}
+            seen.append((network.dropout.training, bn_training, network.backbone.conv_stem.training))
+
+    data = TensorDataset(x, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+    module = PhaseModule(network, phase, inputs, Optimization(lr=0.01, weight_decay=0.0, epochs=2, steps_per_epoch=2))
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[Spy()])
+    trainer.fit(module, DataLoader(data, batch_size=4), DataLoader(data, batch_size=4))
+    frozen_stem_training = phase.depth == -1  # only the all-layers phase trains the stem
+    assert seen == [(True, {False}, frozen_stem_training)] * 4  # both epochs: the second runs after validation
+    after = bn_stats(network)
+    assert all(torch.equal(before[k], after[k]) for k in before)

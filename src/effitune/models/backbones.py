@@ -223,7 +223,7 @@ def head_module(model: nn.Module) -> nn.Module:
 
 
 def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The vector the classifier sees. In train mode it includes the model's dropout, as in forward."""
+    """The vector the classifier sees (before dropout: `Network` owns the head's dropout)."""
     return model.forward_head(model.forward_features(x), pre_logits=True)
 
 

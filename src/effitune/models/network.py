@@ -15,6 +15,10 @@ class Network(nn.Module):
     def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
         self.backbone = backbone
+        # The head's dropout lives here, as a module of its own: timm applies its `drop_rate` only while the
+        # backbone's root module is in train mode, which a partly frozen network never is (set_train_mode).
+        self.dropout = nn.Dropout(getattr(backbone, "drop_rate", 0.0))
+        backbone.drop_rate = 0.0
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
@@ -28,7 +32,7 @@ class Network(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self.normalize(x))
+        return self.head(backbones.pooled_features(self.backbone, self.normalize(x)))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled penultimate features (what the head sees)."""
@@ -39,9 +43,8 @@ class Network(nn.Module):
         return backbones.prefix_forward(self.backbone, self.normalize(x), depth)
 
     def tail(self, h: torch.Tensor, depth: int) -> torch.Tensor:
-        return backbones.tail_forward(self.backbone, h, depth)
+        return self.head(backbones.tail_forward(self.backbone, h, depth, pre_logits=True))
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
         """Dropout + the linear classifier, applied to pooled features (stage 1 trains only this)."""
-        features = nn.functional.dropout(features, p=getattr(self.backbone, "drop_rate", 0.0), training=self.training)
-        return self.backbone.get_classifier()(features)
+        return self.backbone.get_classifier()(self.dropout(features))

@@ -152,6 +152,16 @@ def _compute_block(network: Network, dataset: ImageDataset, depths: list[int], f
     use_onnx = engine == "auto" and device == "cpu"
     onnx_run = onnx_capture(network, depths, dataset.cache.size, folder) if use_onnx else None
     network = network.to(device).eval().to(memory_format=torch.channels_last)
+    try:
+        _write_views(network, dataset, depths, folder, rows, suffix, views, batch_size, device, workers, progress,
+                     batch_augment, onnx_run)
+    finally:
+        network.to(memory_format=torch.contiguous_format)  # no side effect on the caller's network
+
+
+def _write_views(network: Network, dataset: ImageDataset, depths: list[int], folder: Path, rows: range,
+                 suffix: str, views: int, batch_size: int, device: str, workers: int, progress, batch_augment,
+                 onnx_run) -> None:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
     arrays: dict[str, np.ndarray] = {}
     temporaries: dict[str, Path] = {}

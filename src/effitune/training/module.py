@@ -2,6 +2,9 @@
 
 What the phase sees as input depends on the feature cache: pooled features (stage 1, head only),
 frozen-prefix activations (stage 2, the trainable tail only) or images (the full network, uncached).
+Convolutions train in channels_last on every device, whether the frozen-prefix cache was computed
+in this run or reused: one format means one result for one seed (and on a CPU it is the faster one:
+~1.6x for lite0's last three stages at 96 px, docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -43,15 +46,29 @@ class PhaseModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.inputs == "features":
             return self.network.head(x.float())
+        x = x.contiguous(memory_format=torch.channels_last)
         if self.inputs == "prefix":
             return self.network.tail(x.float(), self.phase.depth)  # cached as float16
         return self.network(x)
+
+    def on_fit_start(self) -> None:
+        if self.inputs != "features":
+            self.network.to(memory_format=torch.channels_last)
+
+    def on_fit_end(self) -> None:
+        self.network.to(memory_format=torch.contiguous_format)  # what export, bundles and predict expect
 
     def train(self, mode: bool = True):
         super().train(mode)
         if mode:
             set_train_mode(self.network, self.phase, self.train_bn)
         return self
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning keeps whatever mode the module was left in (it only restores it after validation):
+        # set the phase's modes here, or a network put in eval mode earlier (caching) would train with
+        # dropout off, and one never put in eval mode would update its frozen BatchNorm statistics.
+        self.train()
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
         x, y = batch

@@ -60,6 +60,7 @@ def set_train_mode(network: Network, phase: Phase, train_bn: bool = False) -> No
     network.eval()
     for module in trainable_modules(network, phase):
         module.train()
+    network.dropout.train()  # the head trains in every phase
     if not train_bn:
         for module in network.modules():
             if isinstance(module, BATCHNORM_TYPES):
