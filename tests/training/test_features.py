@@ -44,3 +44,8 @@ def test_cached_activations_match_live_forward(tmp_path, engine):
     # a second call reuses the files instead of recomputing
     again = compute_activations(network, dataset, [1, 2], tmp_path / "features", views=2, batch_size=2)
     assert np.array_equal(again["depth2"], cached["depth2"])
+    # the same images in another order are not served the old rows: the cache is recomputed for them
+    reordered = ImageDataset(cache, keys[::-1], np.zeros(5, dtype=np.int64), build_augmentation("standard", 64))
+    swapped = compute_activations(network, reordered, [1, 2], tmp_path / "features", views=2, batch_size=2)
+    np.testing.assert_allclose(swapped["pooled"][0].astype(np.float32), cached["pooled"][0][::-1].astype(np.float32),
+                               rtol=1e-3, atol=1e-3)

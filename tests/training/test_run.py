@@ -1,8 +1,9 @@
-"""The `unfreeze auto` policy and the data-driven defaults."""
+"""The `unfreeze auto` policy, the data-driven defaults, and runs that must train identically."""
 import time
 
-from effitune.config import Config
-from effitune.training.run import _fill_epochs, _should_stop_deeper
+from effitune.config import Config, load_config
+from effitune.training.callbacks import read_history
+from effitune.training.run import _fill_epochs, _should_stop_deeper, train
 from effitune.training.stages import Phase
 
 
@@ -40,3 +41,24 @@ def test_epochs_and_stage2_lr_defaults():
     big.train.stage1.epochs = 3
     _fill_epochs(big, 50_000)
     assert big.train.stage1.epochs == 3 and big.train.stage2.epochs == 8
+
+
+def test_a_reused_feature_cache_trains_exactly_like_one_computed_in_the_run(tiny_dataset_module, tmp_path):
+    """A tuning trial (shared cache, computed earlier) and a full run (cache computed in the run) of one
+    configuration and seed must train the same network: same history, digit for digit. They did not
+    while the training modes depended on what ran before fit (dropout off after caching, BN moving)."""
+    config = load_config(overrides={"data.image_size": 64, "train.unfreeze": "1", "train.batch_size": 16,
+                                    "train.stage1.epochs": 2, "train.stage2.epochs": 2, "model.dropout": 0.5,
+                                    "train.cache_views": 2})
+    cache = tmp_path / "cache"
+    first = train(tiny_dataset_module, out=tmp_path / "trial", config=config, cache_root=cache, progress=False,
+                  features_dir=tmp_path / "shared", finish=False)
+    train(out=tmp_path / "trial-again", manifest=first.run_dir / "manifest.csv", config=config, cache_root=cache,
+          progress=False, features_dir=tmp_path / "shared", finish=False)  # the cache is reused now
+    train(out=tmp_path / "fresh", manifest=first.run_dir / "manifest.csv", config=config, cache_root=cache,
+          progress=False, finish=False)
+
+    def learning(run: str) -> list[tuple]:
+        return [tuple(v for k, v in row.items() if k != "seconds") for row in read_history(tmp_path / run / "history.csv")]
+    assert len(learning("trial")) == 4
+    assert learning("trial-again") == learning("trial") == learning("fresh")

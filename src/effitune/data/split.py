@@ -104,6 +104,12 @@ def _row(record: dict, part: str) -> dict:
             "width": record["width"], "height": record["height"]}
 
 
+def manifest_order(row: dict) -> tuple:
+    """The order of manifest rows (split, label, path): a run trains on its rows in this order, so a run
+    started from a folder and one started from its manifest see the same images in the same order."""
+    return SPLITS.index(row["split"]), row["label"], row["path"]
+
+
 def write_manifest(rows: list[dict], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +117,7 @@ def write_manifest(rows: list[dict], path: str | Path) -> Path:
     with open(temporary, "w", newline="", encoding="utf-8", errors="surrogateescape") as stream:
         writer = csv.DictWriter(stream, fieldnames=MANIFEST_COLUMNS)
         writer.writeheader()
-        writer.writerows(sorted(rows, key=lambda r: (SPLITS.index(r["split"]), r["label"], r["path"])))
+        writer.writerows(sorted(rows, key=manifest_order))
     temporary.replace(path)
     return path
 

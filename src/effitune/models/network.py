@@ -32,7 +32,7 @@ class Network(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(backbones.pooled_features(self.backbone, self.normalize(x)))
+        return self.head(self.features(x))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled penultimate features (what the head sees)."""

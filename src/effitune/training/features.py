@@ -12,6 +12,7 @@ phase is a prefix of a shallower phase's prefix, and every prefix keeps its pret
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import uuid
 import warnings
@@ -95,9 +96,14 @@ def onnx_capture(network: Network, depths: list[int], size: int, folder: Path):
     return run
 
 
+def images_fingerprint(keys: list[str]) -> str:
+    """Which images, in which order: row i of a cache belongs to the i-th image, whoever reuses it."""
+    return hashlib.sha1("\n".join(keys).encode()).hexdigest()
+
+
 def _covers(stored: dict, wanted: dict) -> bool:
     """An earlier result serves when it has the same images and views and at least the wanted cuts."""
-    same = all(stored.get(key) == wanted[key] for key in ("n", "views", "size"))
+    same = all(stored.get(key) == wanted[key] for key in ("n", "views", "size", "images"))
     return same and set(wanted["depths"]) <= set(stored.get("depths", []))
 
 
@@ -119,7 +125,8 @@ def compute_activations(network: Network, dataset: ImageDataset, depths: list[in
     """
     folder = Path(folder)
     names = [POOLED] + [boundary_name(d) for d in depths]
-    signature = {"n": len(dataset), "views": views, "depths": sorted(depths), "size": dataset.cache.size}
+    signature = {"n": len(dataset), "views": views, "depths": sorted(depths), "size": dataset.cache.size,
+                 "images": images_fingerprint(dataset.keys)}
     meta_path = folder / "activations.json"
     stored = json.loads(meta_path.read_text()) if meta_path.is_file() else None
     if sharded:

@@ -30,7 +30,7 @@ from .. import distributed
 from ..config import Config, StageConfig, config_from_dict, load_config, save_config
 from ..data.cache import ImageCache
 from ..data.datamodule import ActivationDataset, ImageDataModule, class_weights, collate_batched
-from ..data.split import manifest_hash, read_manifest, split_counts, split_records, write_manifest
+from ..data.split import manifest_hash, manifest_order, read_manifest, split_counts, split_records, write_manifest
 from ..errors import UserError
 from ..evaluate.report import report_after_training
 from ..models.backbones import create_backbone
@@ -153,7 +153,7 @@ def _open_run(data, out, config, manifest, resume) -> tuple[RunPaths, Config, li
                         "another --out folder.")
     paths.root.mkdir(parents=True, exist_ok=True)
     config = config or Config()
-    rows = read_manifest(manifest) if manifest else _scan_and_split(data, paths, config)
+    rows = sorted(read_manifest(manifest) if manifest else _scan_and_split(data, paths, config), key=manifest_order)
     distributed.on_main(write_manifest, rows, paths.manifest)
     return paths, config, rows
 
