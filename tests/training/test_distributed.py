@@ -127,15 +127,27 @@ def test_shard_range_blocks_are_disjoint_and_cover_everything(world):
         assert max(b - a for a, b in blocks) - min(b - a for a, b in blocks) <= 1
 
 
-def test_row_blocks_read_like_one_array():
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_row_blocks_read_like_one_array(tmp_path, on_disk, monkeypatch):
+    from effitune.data import rowio
     from effitune.training.features import RowBlocks
 
     whole = np.arange(2 * 7 * 3, dtype=np.float16).reshape(2, 7, 3)
-    blocks = RowBlocks([(4, 7, whole[:, 4:]), (0, 4, whole[:, :4])])
+    parts = [(4, 7, whole[:, 4:]), (0, 4, whole[:, :4])]
+    if on_disk:  # the part files of a sharded cache, opened as memory maps and read with positional I/O
+        for i, (_, _, part) in enumerate(parts):
+            np.save(tmp_path / f"part{i}.npy", part)
+        parts = [(a, b, np.load(tmp_path / f"part{i}.npy", mmap_mode="r")) for i, (a, b, _) in enumerate(parts)]
+        reads = []
+        monkeypatch.setattr(rowio, "_read_into", lambda fd, buffer, offset, real=rowio._read_into:
+                            reads.append(offset) or real(fd, buffer, offset))
+    blocks = RowBlocks(parts)
     assert blocks.shape == whole.shape and len(blocks) == 2
     rows = np.array([0, 3, 4, 6])
     assert np.array_equal(blocks[1, rows], whole[1, rows])
     assert np.array_equal(blocks[0], whole[0]) and np.array_equal(np.asarray(blocks), whole)
+    if on_disk:
+        assert reads, "rows were read through the memory map"
 
 
 def test_alone_the_collectives_just_call():

@@ -247,7 +247,11 @@ def _open_blocks(folder: Path, names: list[str], meta: dict) -> dict[str, np.nda
 
 
 class RowBlocks:
-    """Row blocks in several files read as one (views, N, ...) array: `blocks[view]`, `blocks[view, rows]`."""
+    """Row blocks in several files read as one (views, N, ...) array: `blocks[view]`, `blocks[view, rows]`.
+
+    Rows of a whole-file memory map are read with positional file I/O (`rowio`), as ActivationDataset
+    reads a single file: pages touched through a map would stay in the process's RSS.
+    """
 
     def __init__(self, parts: list[tuple[int, int, np.ndarray]]):
         self.parts = sorted(parts, key=lambda part: part[0])
@@ -265,7 +269,11 @@ class RowBlocks:
         for start, stop, array in self.parts:
             inside = (rows >= start) & (rows < stop)
             if np.any(inside):
-                out[inside] = array[view, rows[inside] - start]
+                local = rows[inside] - start
+                if isinstance(view, (int, np.integer)):  # (view, row) -> row view * n + row of the file
+                    out[inside] = rowio.read_rows(array, int(view) * (stop - start) + local, lead=2)
+                else:
+                    out[inside] = array[view, local]
         return out
 
     def __array__(self, dtype=None, copy=None):
