@@ -144,7 +144,7 @@ def test_row_blocks_read_like_one_array(tmp_path, on_disk, monkeypatch):
     blocks = RowBlocks(parts)
     assert blocks.shape == whole.shape and len(blocks) == 2
     rows = np.array([0, 3, 4, 6])
-    assert np.array_equal(blocks[1, rows], whole[1, rows])
+    assert np.array_equal(blocks[1, rows], whole[1, rows]) and np.array_equal(blocks[-1, rows], whole[-1, rows])
     assert np.array_equal(blocks[0], whole[0]) and np.array_equal(np.asarray(blocks), whole)
     if on_disk:
         assert reads, "rows were read through the memory map"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import operator
 import uuid
 import warnings
 from contextlib import nullcontext
@@ -163,7 +164,7 @@ def _compute_block(network: Network, dataset: ImageDataset, depths: list[int], f
         _write_views(network, dataset, depths, folder, rows, suffix, views, batch_size, device, workers, progress,
                      batch_augment, onnx_run)
     finally:
-        network.to(memory_format=torch.contiguous_format)  # no side effect on the caller's network
+        network.to(memory_format=torch.contiguous_format)  # the format training and export start from
 
 
 def _write_views(network: Network, dataset: ImageDataset, depths: list[int], folder: Path, rows: range,
@@ -271,7 +272,8 @@ class RowBlocks:
             if np.any(inside):
                 local = rows[inside] - start
                 if isinstance(view, (int, np.integer)):  # (view, row) -> row view * n + row of the file
-                    out[inside] = rowio.read_rows(array, int(view) * (stop - start) + local, lead=2)
+                    view_index = operator.index(view) % self.shape[0]  # -1: the last view, as numpy reads it
+                    out[inside] = rowio.read_rows(array, view_index * array.shape[1] + local, lead=2)
                 else:
                     out[inside] = array[view, local]
         return out

@@ -51,12 +51,11 @@ class PhaseModule(L.LightningModule):
             return self.network.tail(x.float(), self.phase.depth)  # cached as float16
         return self.network(x)
 
-    def on_fit_start(self) -> None:
+    def configure_model(self) -> None:
+        # before Lightning wraps the model: DDP lays out its gradient buckets for the strides it sees then
+        # (the caller, `_fit_phase`, puts the network back to contiguous when fit ends, however it ends)
         if self.inputs != "features":
             self.network.to(memory_format=torch.channels_last)
-
-    def on_fit_end(self) -> None:
-        self.network.to(memory_format=torch.contiguous_format)  # what export, bundles and predict expect
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -342,7 +342,10 @@ def _fit_phase(network, phase: Phase, datamodule, inputs, config: Config, paths:
                         enable_progress_bar=progress,
                         default_root_dir=paths.root)
     last = checkpoint_dir / "last.ckpt"
-    trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if last.is_file() else None)
+    try:
+        trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if last.is_file() else None)
+    finally:
+        network.to(memory_format=torch.contiguous_format)  # what export, bundles and predict expect
     best = torch.load(checkpoint.best_model_path or last, map_location="cpu", weights_only=True)
     module.load_state_dict(best["state_dict"])
     network.to("cpu")
