@@ -317,14 +317,12 @@ def _drop_weights(run_dir: Path) -> None:
 
 
 def _print_trial(study, trial) -> None:
-    from rich.console import Console
-
     value = f"{trial.value:.4f}" if trial.state.name == "COMPLETE" else trial.state.name.lower()
     if trial.state.name == "PRUNED" and trial.intermediate_values:
         value = f"pruned at {max(trial.intermediate_values.values()):.4f}"
     best = f"{study.best_value:.4f}" if any(t.value is not None for t in study.trials) else "-"
     shown = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in trial.params.items())
-    Console(stderr=True).print(f"trial {trial.number}: {value} (best {best})  {shown}", highlight=False)
+    console().print(f"trial {trial.number}: {value} (best {best})  {shown}", highlight=False)
 
 
 def _short(value) -> str:

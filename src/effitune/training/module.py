@@ -46,10 +46,9 @@ class PhaseModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.inputs == "features":
             return self.network.head(x.float())
-        x = x.contiguous(memory_format=torch.channels_last)
-        if self.inputs == "prefix":
-            return self.network.tail(x.float(), self.phase.depth)  # cached as float16
-        return self.network(x)
+        if self.inputs == "prefix":  # cached as float16: one copy to float32 in channels_last
+            return self.network.tail(x.to(torch.float32, memory_format=torch.channels_last), self.phase.depth)
+        return self.network(x.contiguous(memory_format=torch.channels_last))
 
     def configure_model(self) -> None:
         # before Lightning wraps the model: DDP lays out its gradient buckets for the strides it sees then
