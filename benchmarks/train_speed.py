@@ -11,7 +11,9 @@ effitune end to end runs its real code on real files (resize-once cache -> loade
   cache    frozen-prefix caching pass (one forward per image, all boundaries captured);
   stage 1  head trained on the cached pooled features (Lightning loop, cached loader);
   stage 2  last stage trained on cached activations (Lightning loop, cached loader);
-  images   stage 2 trained from images (uncached path: uint8 cache -> loader -> batched augment).
+  images   stage 2 trained from images (uncached path: uint8 cache -> loader -> batched augment);
+  loader   uint8 images/s onto the device alone: threads into pinned memory (effitune's GPU reader)
+           vs a DataLoader with worker processes (what the caching pass used before).
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ import numpy as np
 import torch
 
 from effitune.data.cache import ImageCache
-from effitune.data.datamodule import ActivationDataset, ImageDataModule, collate_batched
+from effitune.data.batches import ImageBatches
+from effitune.data.datamodule import ActivationDataset, ImageDataModule, ImageDataset, collate_batched
 from effitune.data.transforms import BatchAugment
 from effitune.models.backbones import create_backbone, num_stages
 from effitune.models.network import Network
@@ -143,6 +146,26 @@ def lightning_rate(module, loader, device: str, epochs: int = 3) -> float:
     return len(loader.dataset) / min(clock.times[1:] or clock.times)
 
 
+def loader_rates(dataset: ImageDataset, batch: int, device: str, workers: int) -> dict:
+    """uint8 images/s onto the device: effitune's threaded reader vs a DataLoader with worker processes."""
+    def rate(loader) -> float:
+        for images, _ in loader:  # warm-up: page cache, pinned blocks, worker start
+            images.to(device, non_blocking=True)
+        synchronize(device)
+        started, count = time.perf_counter(), 0
+        for images, _ in loader:
+            images.to(device, non_blocking=True)
+            count += len(images)
+        synchronize(device)
+        return count / (time.perf_counter() - started)
+    dataset = ImageDataset(dataset.cache, dataset.keys, dataset.labels)  # as cached: augmented on the device
+    threads = ImageBatches(dataset, batch, shuffle=True, threads=max(1, workers))
+    processes = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers,
+                                            pin_memory=device.startswith("cuda"), collate_fn=collate_batched,
+                                            persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+    return {"loader_threads": rate(threads), "loader_workers": rate(processes)}
+
+
 def effitune_rates(network: Network, device: str, size: int, batch: int, n_images: int, work: Path,
                    workers: int) -> dict:
     paths = make_images(work / "images", n_images, size)
@@ -156,8 +179,9 @@ def effitune_rates(network: Network, device: str, size: int, batch: int, n_image
     augment = BatchAugment.from_recipe("standard", size) if device.startswith("cuda") else None
     rates = {}
     dataset = datamodule.dataset("train", augment=augment is None)
-    warm = torch.utils.data.Subset(dataset, range(min(n_images, 4 * batch)))
-    warm.cache, warm.transform = dataset.cache, dataset.transform  # what compute_activations reads
+    first = min(n_images, 4 * batch)
+    warm = ImageDataset(dataset.cache, dataset.keys[:first], dataset.labels[:first], dataset.transform)
+    rates.update(loader_rates(dataset, batch, device, workers))
     compute_activations(network, warm, [1], work / "warmup", views=1, batch_size=batch, device=device,
                         workers=workers, batch_augment=augment)  # cudnn autotuning, first-call costs
     synchronize(device)

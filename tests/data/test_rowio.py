@@ -50,3 +50,17 @@ def test_writing_and_reading_a_file_leaves_rss_flat(tmp_path):
         assert batch.shape == (256, width)
     assert _rss_file_mib() - before < 16, "reading went through the map: RSS grows with the file"
     assert rowio.read_rows(mapped, [513])[0, 0] == 512
+
+
+def test_read_rows_into_a_given_array(tmp_path):
+    values = np.arange(40, dtype=np.float32).reshape(10, 4)
+    np.save(tmp_path / "b.npy", values)
+    mapped = np.load(tmp_path / "b.npy", mmap_mode="r")
+    out = np.zeros((3, 4), np.float32)
+    assert rowio.read_rows(mapped, [9, 2, 3], out=out) is out
+    np.testing.assert_array_equal(out, values[[9, 2, 3]])
+    assert rowio.read_rows(values, [1], out=np.zeros((1, 4), np.float32))[0, 0] == 4  # an array in RAM
+    with pytest.raises(ValueError, match="shape"):
+        rowio.read_rows(mapped, [1, 2], out=np.zeros((3, 4), np.float32))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        rowio.read_rows(mapped, [1, 2], out=np.zeros((4, 2), np.float32).T)

@@ -39,3 +39,17 @@ def test_batch_augment_is_per_sample():
         result = plain(ramp).float()
         assert (result - ramp.float()).abs().max() <= 3 or (result - ramp.flip(-1).float()).abs().max() <= 3
     assert BatchAugment.from_recipe("none", 32) is None
+
+
+def test_seeded_uniforms_are_a_pure_function_of_each_seed():
+    import numpy as np
+    from effitune.data.transforms import seeded_uniforms
+
+    seeds = [(1000 + view) * 2**32 + i for view in (1, 2) for i in range(5000)]
+    draws = seeded_uniforms(seeds, 7)
+    assert draws.shape == (10000, 7) and draws.dtype == np.float32
+    assert 0 <= draws.min() and draws.max() < 1
+    np.testing.assert_array_equal(seeded_uniforms(seeds[3:5], 7), draws[3:5])  # whatever else is in the batch
+    assert abs(draws.mean() - 0.5) < 0.01 and abs(draws.std() - 12 ** -0.5) < 0.01
+    assert abs(np.corrcoef(draws[:5000, 0], draws[5000:, 0])[0, 1]) < 0.05  # views of one image: independent
+    assert abs(np.corrcoef(draws[:, 0], draws[:, 1])[0, 1]) < 0.05

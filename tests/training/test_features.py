@@ -49,3 +49,32 @@ def test_cached_activations_match_live_forward(tmp_path, engine):
     swapped = compute_activations(network, reordered, [1, 2], tmp_path / "features", views=2, batch_size=2)
     np.testing.assert_allclose(swapped["pooled"][0].astype(np.float32), cached["pooled"][0][::-1].astype(np.float32),
                                rtol=1e-3, atol=1e-3)
+
+
+def test_views_augmented_on_the_device_do_not_depend_on_batches_or_threads(tmp_path):
+    """The GPU path (images from ImageBatches, BatchAugment per batch with per-image seeds), run on the CPU."""
+    from effitune.data.transforms import BatchAugment
+
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(7):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(paths[-1])
+    cache = ImageCache(tmp_path / "cache", 32)
+    keys = cache.build(paths, workers=1)
+    torch.manual_seed(0)
+    backbone, _ = create_backbone("tf_efficientnet_lite0", 3, pretrained=False)
+    network = Network(backbone, (0.5,) * 3, (0.5,) * 3).eval()
+    dataset = ImageDataset(cache, keys, np.zeros(7, dtype=np.int64))
+    augment = BatchAugment(32)
+    runs = [compute_activations(network, dataset, [1], tmp_path / f"f{batch}", views=3, batch_size=batch,
+                                workers=workers, batch_augment=augment, engine="torch")
+            for batch, workers in ((2, 1), (5, 3))]
+    for name in ("pooled", "depth1"):
+        np.testing.assert_allclose(runs[0][name].astype(np.float32), runs[1][name].astype(np.float32),
+                                   rtol=1e-2, atol=1e-2)
+    assert not np.allclose(runs[0]["pooled"][1], runs[0]["pooled"][0], atol=1e-2)  # view 1 is augmented
+    assert not np.allclose(runs[0]["pooled"][1], runs[0]["pooled"][2], atol=1e-2)  # and differs from view 2
+    with torch.inference_mode():
+        live = network.features(torch.from_numpy(cache.stack(keys)).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(runs[1]["pooled"][0].astype(np.float32), live, rtol=2e-2, atol=2e-2)

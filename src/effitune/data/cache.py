@@ -170,11 +170,15 @@ class ImageCache:
         shard, row = self.index.entries[key]
         return rowio.read_rows(self._shard(shard), [row])[0]  # a read, not the map: RSS stays flat
 
-    def stack(self, keys: list[str]) -> np.ndarray:
-        """All images for `keys` as one (N, size, size, 3) uint8 array in RAM."""
-        out = np.empty((len(keys), self.size, self.size, 3), dtype=np.uint8)
+    def stack(self, keys: list[str], out: np.ndarray | None = None) -> np.ndarray:
+        """All images for `keys` as one (N, size, size, 3) uint8 array in RAM (`out`, when given)."""
+        if out is None:
+            out = np.empty((len(keys), self.size, self.size, 3), dtype=np.uint8)
         places = np.array([self.index.entries[key] for key in keys], dtype=np.int64).reshape(-1, 2)
-        for shard in np.unique(places[:, 0]).tolist():  # one batch of reads per shard file
+        shards = np.unique(places[:, 0]).tolist()
+        if len(shards) == 1:  # the usual case (one build): read straight into `out`, no second copy
+            return rowio.read_rows(self._shard(shards[0]), places[:, 1], out=out)
+        for shard in shards:  # one batch of reads per shard file
             chosen = np.flatnonzero(places[:, 0] == shard)
             out[chosen] = rowio.read_rows(self._shard(shard), places[chosen, 1])
         return out

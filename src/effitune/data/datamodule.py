@@ -1,6 +1,7 @@
 """Datasets and the LightningDataModule over the manifest and the resize-once cache.
 
-Images come out of the cache as uint8 CHW tensors (augmented per sample in the loader workers);
+Images come out of the cache as uint8 CHW tensors, augmented per sample in the loader workers on a
+CPU, or read by threads into pinned memory and augmented per batch on a GPU (`batches.ImageBatches`);
 the model converts and normalizes them. Frozen-prefix activations (see `train.features`) have their
 own dataset that serves one cached augmented view per epoch.
 """
@@ -14,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, default_collate
 
 from . import rowio
+from .batches import ImageBatches
 from .cache import ImageCache
 from .transforms import build_augmentation, to_chw
 
@@ -138,7 +140,10 @@ class ImageDataModule(L.LightningDataModule):
         transform = build_augmentation(self.augment, self.cache.size) if use else None
         return ImageDataset(self.cache, keys, labels, transform)
 
-    def _loader(self, part: str, shuffle: bool, sampler=None) -> DataLoader:
+    def _loader(self, part: str, shuffle: bool, sampler=None) -> DataLoader | ImageBatches:
+        if self.device_augment:  # images as cached, augmented on the GPU: threads read into pinned memory
+            return ImageBatches(self.dataset(part), self.batch_size, shuffle=shuffle, seed=self.seed, sampler=sampler,
+                                threads=max(1, self.workers))
         return DataLoader(self.dataset(part), batch_size=self.batch_size, shuffle=shuffle and sampler is None,
                           sampler=sampler, num_workers=self.workers, pin_memory=torch.cuda.is_available(),
                           persistent_workers=self.workers > 0, drop_last=False, collate_fn=collate_batched,

@@ -29,18 +29,25 @@ def _row_bytes(array: np.ndarray, lead: int) -> int:
     return array.dtype.itemsize * int(np.prod(array.shape[lead:]))
 
 
-def read_rows(array: np.ndarray, rows, lead: int = 1, fd: int | None = None) -> np.ndarray:
+def read_rows(array: np.ndarray, rows, lead: int = 1, fd: int | None = None, out: np.ndarray | None = None
+              ) -> np.ndarray:
     """Rows `rows` of `array` seen as (rows, *array.shape[lead:]): the first `lead` axes, flattened, count rows.
 
     One positional read per run of consecutive rows (sort them for fewer reads); `fd`: the file already
-    open for reading (else it is opened for this call).
+    open for reading (else it is opened for this call); `out`: a C-contiguous array to read into
+    (e.g. pinned memory a GPU copies from), else a new one.
     """
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    shape = (len(rows), *array.shape[lead:])
+    if out is None:
+        out = np.empty(shape, dtype=array.dtype)
+    elif out.shape != shape or out.dtype != array.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {array.dtype} array of shape {shape}")
     path = npy_file(array)
     if path is None:
-        return np.ascontiguousarray(array[np.unravel_index(rows, array.shape[:lead])])
+        out[...] = array[np.unravel_index(rows, array.shape[:lead])]
+        return out
     row_bytes = _row_bytes(array, lead)
-    out = np.empty((len(rows), *array.shape[lead:]), dtype=array.dtype)
     raw = out.view(np.uint8).reshape(len(rows), row_bytes)
     starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1)
     offsets = (array.offset + rows[starts] * row_bytes).tolist()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import numpy as np
 import torch
 from torchvision.transforms import v2
 
@@ -112,11 +113,24 @@ class BatchAugment(torch.nn.Module):
 
     @staticmethod
     def _uniforms(n: int, device, seeds: list[int] | None) -> torch.Tensor:
-        """(n, 7) uniform numbers: from the device's generator, or from one CPU generator per seed."""
+        """(n, 7) uniform numbers: from the device's generator, or a counter-based hash of each seed."""
         if seeds is None:
             return torch.rand(n, 7, device=device)
-        draws = [torch.rand(7, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds]
-        return torch.stack(draws).to(device)
+        return torch.from_numpy(seeded_uniforms(seeds, 7)).to(device, non_blocking=True)
+
+
+def seeded_uniforms(seeds, count: int) -> np.ndarray:
+    """(len(seeds), count) float32 numbers in [0, 1), a pure function of each seed (SplitMix64 of seed, k).
+
+    One vectorized hash for the whole batch: a generator per seed cost 1.2 ms per batch of 256 on the
+    main thread of a GPU caching pass. SplitMix64's output passes BigCrush; only the top 24 bits are used.
+    """
+    state = np.asarray(seeds, dtype=np.uint64)[:, None] * np.uint64(count) + np.arange(count, dtype=np.uint64)
+    state = state * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x9E3779B97F4A7C15)  # wraps modulo 2**64
+    state = (state ^ (state >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    state = (state ^ (state >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    state ^= state >> np.uint64(31)
+    return (state >> np.uint64(40)).astype(np.float32) / np.float32(2 ** 24)
 
 
 def to_chw(image_hwc) -> torch.Tensor:

@@ -17,6 +17,8 @@ import json
 import operator
 import uuid
 import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -25,6 +27,7 @@ import torch
 
 from .. import distributed
 from ..data import rowio
+from ..data.batches import ImageBatches
 from ..data.datamodule import ImageDataset, collate_batched
 from ..models import backbones
 from ..models.network import Network
@@ -174,38 +177,94 @@ def _write_views(network: Network, dataset: ImageDataset, depths: list[int], fol
     arrays: dict[str, np.ndarray] = {}
     temporaries: dict[str, Path] = {}
     total, done = views * len(rows), 0
-    for view in range(views):
-        on_device = view > 0 and batch_augment is not None
-        source = _SeededViews(dataset, rows, view, dataset.transform if view > 0 and not on_device else None)
-        loader = torch.utils.data.DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                             pin_memory=device.startswith("cuda"), collate_fn=collate_batched,
-                                             prefetch_factor=4 if workers else None)
-        start = 0
-        for images, _ in loader:
-            images = images.to(device, non_blocking=True)
-            if on_device:
-                images = batch_augment(images, seeds=[view_seed(view, i) for i in rows[start:start + len(images)]])
-            if onnx_run is not None:
-                captured = {k: torch.from_numpy(v) for k, v in onnx_run(images).items()}
-            else:
-                with autocast:
-                    captured = _capture(network, images.contiguous(memory_format=torch.channels_last), depths)
-            for name, tensor in captured.items():
-                if name not in arrays:
-                    temporaries[name] = folder / f"{name}{suffix}.{uuid.uuid4().hex[:8]}.tmp.npy"
-                    arrays[name] = np.lib.format.open_memmap(
-                        temporaries[name], mode="w+", dtype=np.float16, shape=(views, len(rows), *tensor.shape[1:]))
-                # float16 on the device: half the bytes to copy back, no conversion on the CPU; written to the
-                # file, not through the map (pages written through a map would stay in this process's RSS)
-                rowio.write_rows(arrays[name], view * len(rows) + start, tensor.to(torch.float16).cpu().numpy(),
-                                 lead=2)
-            start += len(images)
-            done += len(images)
-            if progress is not None:
-                progress(done, total)
+    writer = _RowWriter()
+    try:
+        for view in range(views):
+            on_device = view > 0 and batch_augment is not None
+            start = 0
+            for images, _ in _view_batches(dataset, rows, view, on_device, batch_size, device, workers):
+                images = images.to(device, non_blocking=True)
+                if on_device:
+                    images = batch_augment(images, seeds=[view_seed(view, i) for i in rows[start:start + len(images)]])
+                if onnx_run is not None:
+                    captured = {k: torch.from_numpy(v) for k, v in onnx_run(images).items()}
+                else:
+                    with autocast:
+                        captured = _capture(network, images.contiguous(memory_format=torch.channels_last), depths)
+                for name, tensor in captured.items():
+                    if name not in arrays:
+                        temporaries[name] = folder / f"{name}{suffix}.{uuid.uuid4().hex[:8]}.tmp.npy"
+                        arrays[name] = np.lib.format.open_memmap(
+                            temporaries[name], mode="w+", dtype=np.float16,
+                            shape=(views, len(rows), *tensor.shape[1:]))
+                    writer.put(arrays[name], view * len(rows) + start, tensor)
+                start += len(images)
+                done += len(images)
+                if progress is not None:
+                    progress(done, total)
+    finally:
+        writer.close()
     for name, array in arrays.items():
         rowio.flush(array)
         temporaries[name].replace(folder / f"{name}{suffix}.npy")
+
+
+def _view_batches(dataset: ImageDataset, rows: range, view: int, on_device: bool, batch_size: int, device: str,
+                  workers: int):
+    """uint8 batches of images `rows` for one view, in order.
+
+    Images as cached (view 0, or augmented later on the device) come from threads reading into pinned
+    memory (`ImageBatches`); views augmented per sample on a CPU come from loader worker processes,
+    each image under its own seed.
+    """
+    if view == 0 or on_device:
+        part = ImageDataset(dataset.cache, [dataset.keys[i] for i in rows], dataset.labels[rows.start:rows.stop])
+        return ImageBatches(part, batch_size, threads=max(1, workers), pin=device.startswith("cuda"), rank=0,
+                            world=1)
+    source = _SeededViews(dataset, rows, view, dataset.transform)
+    return torch.utils.data.DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                       collate_fn=collate_batched, prefetch_factor=4 if workers else None)
+
+
+class _RowWriter:
+    """Writes activation rows to their files in a thread while the device computes the next batch.
+
+    From a GPU each batch is copied as float16 (half the bytes, no conversion on the CPU) into pinned
+    memory without blocking; the thread waits for that copy, then writes with positional I/O (rows
+    written through a memory map would stay in this process's RSS). At most `depth` writes wait.
+    """
+
+    def __init__(self, depth: int = 8):
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="effitune-features")
+        self.pending: deque = deque()
+        self.depth = depth
+
+    def put(self, array: np.ndarray, start: int, tensor: torch.Tensor) -> None:
+        half = tensor.to(torch.float16)
+        event = None
+        if half.is_cuda:
+            host = torch.empty(half.shape, dtype=torch.float16, pin_memory=True)
+            host.copy_(half, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = half
+        self.pending.append(self.pool.submit(self._write, array, start, host, event))
+        while len(self.pending) > self.depth:
+            self.pending.popleft().result()  # raises a failed write here (disk full, ...)
+
+    @staticmethod
+    def _write(array: np.ndarray, start: int, host: torch.Tensor, event) -> None:
+        if event is not None:
+            event.synchronize()
+        rowio.write_rows(array, start, host.numpy(), lead=2)
+
+    def close(self) -> None:
+        try:
+            while self.pending:
+                self.pending.popleft().result()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def view_seed(view: int, index: int) -> int:
@@ -214,9 +273,9 @@ def view_seed(view: int, index: int) -> int:
 
 
 class _SeededViews(torch.utils.data.Dataset):
-    """Images `rows` of an ImageDataset, each augmented (when `transform`) under its own `view_seed`."""
+    """Images `rows` of an ImageDataset, each augmented by `transform` under its own `view_seed`."""
 
-    def __init__(self, dataset: ImageDataset, rows: range, view: int, transform=None):
+    def __init__(self, dataset: ImageDataset, rows: range, view: int, transform):
         self.base, self.rows, self.view = copy.copy(dataset), rows, view
         self.base.transform = transform
 
@@ -225,16 +284,9 @@ class _SeededViews(torch.utils.data.Dataset):
 
     def __getitem__(self, j: int):
         index = self.rows[j]
-        if self.base.transform is None:
-            return self.base[index]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(view_seed(self.view, index))
             return self.base[index]
-
-    def __getitems__(self, positions: list[int]):
-        if self.base.transform is None:  # one gather from the memory map
-            return self.base.__getitems__([self.rows[j] for j in positions])
-        return [self[j] for j in positions]
 
 
 def _open_blocks(folder: Path, names: list[str], meta: dict) -> dict[str, np.ndarray]:

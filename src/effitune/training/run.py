@@ -373,7 +373,7 @@ def _saved_config(resume) -> Config:
 
 def _steps_per_epoch(loader: DataLoader, world: int) -> int:
     """Optimizer steps per epoch on each rank: Lightning's DistributedSampler gives each 1/world of the data."""
-    if world == 1:
+    if world == 1 or not isinstance(loader, DataLoader):  # ImageBatches: its length is this rank's share
         return len(loader)
     return math.ceil(math.ceil(len(loader.sampler) / world) / loader.batch_size)
 

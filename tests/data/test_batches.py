@@ -1,0 +1,123 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from effitune.data.batches import ImageBatches
+from effitune.data.cache import ImageCache
+from effitune.data.datamodule import ImageDataModule, ImageDataset
+
+
+
+def write_images(folder, n):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        paths.append(str(folder / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("batches")
+    paths = write_images(folder, 11)
+    cache = ImageCache(folder / "cache", 16)
+    keys = cache.build(paths[:6], workers=1) + cache.build(paths[6:], workers=1)  # two shard files
+    assert len(cache.index.shards) == 2
+    return ImageDataset(cache, keys, np.arange(11) % 3)
+
+
+def gathered(dataset, indices):
+    return torch.from_numpy(np.stack([dataset.cache.get(dataset.keys[i]) for i in indices])).permute(0, 3, 1, 2)
+
+
+def test_batches_in_order_equal_the_cache(dataset):
+    batches = list(ImageBatches(dataset, 4, threads=3, prefetch=2, pin=False))
+    assert [len(labels) for _, labels in batches] == [4, 4, 3] and len(ImageBatches(dataset, 4)) == 3
+    images = torch.cat([images for images, _ in batches])
+    assert torch.equal(images, gathered(dataset, range(11)))
+    assert images.dtype == torch.uint8 and batches[0][0].is_contiguous(memory_format=torch.channels_last)
+    assert torch.cat([labels for _, labels in batches]).tolist() == (np.arange(11) % 3).tolist()
+
+
+def test_shuffle_is_a_seeded_permutation_per_epoch(dataset):
+    def epoch_order(loader):
+        order = []
+        for images, labels in loader:
+            for image, label in zip(images, labels):
+                index = next(i for i in range(11) if torch.equal(image, gathered(dataset, [i])[0]))
+                assert label == dataset.labels[index]
+                order.append(index)
+        return order
+    loader = ImageBatches(dataset, 4, shuffle=True, seed=5, pin=False)
+    first, second = epoch_order(loader), epoch_order(loader)
+    assert sorted(first) == sorted(second) == list(range(11))
+    assert first != second  # a new permutation every epoch
+    assert epoch_order(ImageBatches(dataset, 3, shuffle=True, seed=5, pin=False)) == first  # seed + epoch only
+
+
+def test_ranks_take_disjoint_equal_shares(dataset):
+    shares = [ImageBatches(dataset, 2, shuffle=True, seed=1, rank=r, world=3, pin=False) for r in range(3)]
+    orders = [share.order() for share in shares]
+    assert {len(order) for order in orders} == {4} and {len(share) for share in shares} == {2}
+    together = np.concatenate(orders)
+    assert set(together.tolist()) == set(range(11)) and len(together) == 12  # one index repeated, as DDP pads
+
+
+def test_sampler_draws_the_indices(dataset):
+    sampler = torch.utils.data.WeightedRandomSampler(np.r_[np.zeros(10), 1.0], num_samples=5,
+                                                     generator=torch.Generator().manual_seed(0))
+    batches = list(ImageBatches(dataset, 2, sampler=sampler, pin=False))
+    assert len(batches) == 3
+    assert all(torch.equal(image, gathered(dataset, [10])[0]) for images, _ in batches for image in images)
+
+
+def test_refuses_a_per_sample_transform(dataset):
+    augmented = ImageDataset(dataset.cache, dataset.keys, dataset.labels, transform=lambda image: image)
+    with pytest.raises(ValueError, match="BatchAugment"):
+        ImageBatches(augmented, 4)
+
+
+def test_gpu_datamodule_serves_image_batches(dataset):
+    rows = [{"label": f"c{label}", "split": "train" if i < 8 else "val"} for i, label in enumerate(dataset.labels)]
+    module = ImageDataModule(rows, dataset.keys, ["c0", "c1", "c2"], dataset.cache, batch_size=4, workers=2,
+                             device_augment=True)
+    train, val = module.train_dataloader(), module.val_dataloader()
+    assert isinstance(train, ImageBatches) and train.shuffle and not val.shuffle
+    assert sum(len(labels) for _, labels in train) == 8
+    cpu = ImageDataModule(rows, dataset.keys, ["c0", "c1", "c2"], dataset.cache, batch_size=4, workers=0)
+    assert isinstance(cpu.train_dataloader(), torch.utils.data.DataLoader)
+
+
+def test_stack_reads_into_a_given_array(dataset):
+    out = np.zeros((3, 16, 16, 3), np.uint8)
+    indices = [7, 1, 9]
+    assert dataset.cache.stack([dataset.keys[i] for i in indices], out=out) is out
+    assert torch.equal(torch.from_numpy(out).permute(0, 3, 1, 2), gathered(dataset, indices))
+    one_shard = [dataset.keys[i] for i in (8, 6, 10)]
+    assert np.array_equal(dataset.cache.stack(one_shard, out=np.empty((3, 16, 16, 3), np.uint8)),
+                          dataset.cache.stack(one_shard))
+
+
+def test_lightning_trains_from_image_batches(dataset):
+    """The GPU training path (ImageBatches + BatchAugment in the module), run by a real Lightning fit on the CPU."""
+    import lightning as L
+
+    from effitune.data.transforms import BatchAugment
+    from effitune.models.backbones import create_backbone
+    from effitune.models.network import Network
+    from effitune.training.module import Optimization, PhaseModule
+    from effitune.training.stages import Phase
+
+    backbone, _ = create_backbone("tf_efficientnet_lite0", 3, pretrained=False)
+    network = Network(backbone, (0.5,) * 3, (0.5,) * 3)
+    train = ImageBatches(dataset, 4, shuffle=True, pin=False)
+    module = PhaseModule(network, Phase(1), "images", Optimization(1e-3, 0.0, 2, len(train)),
+                         batch_augment=BatchAugment(16))
+    before = network.backbone.get_classifier().weight.detach().clone()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train, ImageBatches(dataset, 8, pin=False))
+    assert trainer.global_step == 2 * len(train) and train.epoch == 2
+    assert "val_acc" in trainer.callback_metrics and not torch.equal(before, network.backbone.get_classifier().weight)
