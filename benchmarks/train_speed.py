@@ -166,6 +166,40 @@ def loader_rates(dataset: ImageDataset, batch: int, device: str, workers: int) -
     return {"loader_threads": rate(threads), "loader_workers": rate(processes)}
 
 
+def augment_rates(augment: BatchAugment, dataset: ImageDataset, batch: int, device: str) -> dict:
+    """Images/s of the batched GPU augmentation alone: as training calls it, with per-image seeds as the
+    caching pass does, and a candidate with one grid_sample in float16 instead of roi_align in float32."""
+    images = next(iter(ImageBatches(ImageDataset(dataset.cache, dataset.keys, dataset.labels), batch)))[0]
+    images = images.to(device)
+    seeds = list(range(batch))
+    return {"augment": timed_rate(lambda: augment(images), batch, device, 10),
+            "augment_seeded": timed_rate(lambda: augment(images, seeds=seeds), batch, device, 10),
+            "augment_grid_fp16": timed_rate(lambda: grid_augment(augment, images), batch, device, 10)}
+
+
+def grid_augment(augment: BatchAugment, images: torch.Tensor, dtype=torch.float16) -> torch.Tensor:
+    """BatchAugment's crop + flip + jitter as one affine grid_sample (bilinear, no antialiasing) in `dtype`."""
+    n, _, height, width = images.shape
+    u = torch.rand(n, 7, device=images.device)
+    area = augment.min_scale + (1 - augment.min_scale) * u[:, 0]
+    log_ratio = (2 * u[:, 1] - 1) * augment.max_log_ratio
+    scale_w = (area * log_ratio.exp()).sqrt().clamp(max=1.0)
+    scale_h = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+    centre_x = (u[:, 2] * (1 - scale_w) + scale_w / 2) * 2 - 1
+    centre_y = (u[:, 3] * (1 - scale_h) + scale_h / 2) * 2 - 1
+    sign = torch.where(u[:, 4] < 0.5, -1.0, 1.0)
+    zero = torch.zeros_like(area)
+    theta = torch.stack([torch.stack([scale_w * sign, zero, centre_x], 1),
+                         torch.stack([zero, scale_h, centre_y], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, [n, 3, augment.size, augment.size], align_corners=False)
+    out = torch.nn.functional.grid_sample(images.to(dtype), grid.to(dtype), mode="bilinear",
+                                          padding_mode="border", align_corners=False)
+    brightness = (1 + augment.jitter * (2 * u[:, 5] - 1)).view(n, 1, 1, 1)
+    contrast = (1 + augment.jitter * (2 * u[:, 6] - 1)).view(n, 1, 1, 1)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    return (((out - mean) * contrast + mean) * brightness).clamp_(0, 255).to(torch.uint8)
+
+
 def effitune_rates(network: Network, device: str, size: int, batch: int, n_images: int, work: Path,
                    workers: int) -> dict:
     paths = make_images(work / "images", n_images, size)
@@ -190,6 +224,13 @@ def effitune_rates(network: Network, device: str, size: int, batch: int, n_image
                                  device=device, workers=workers, batch_augment=augment)
     synchronize(device)
     rates["cache"] = 2 * n_images / (time.perf_counter() - started)  # one plain + one augmented view
+    started = time.perf_counter()
+    compute_activations(network, dataset, [1], work / "features-plain", views=1, batch_size=batch, device=device,
+                        workers=workers, batch_augment=augment)
+    synchronize(device)
+    rates["cache_plain"] = n_images / (time.perf_counter() - started)  # view 0 alone: no augmentation
+    if augment is not None:
+        rates.update(augment_rates(augment, dataset, batch, device))
     network.to("cpu")
     optimization = Optimization(lr=1e-4, weight_decay=0.0, epochs=2, steps_per_epoch=max(1, n_images // batch))
     for stage, phase, inputs, name in (("stage1", Phase(None), "features", "pooled"),

@@ -64,3 +64,13 @@ def test_read_rows_into_a_given_array(tmp_path):
         rowio.read_rows(mapped, [1, 2], out=np.zeros((3, 4), np.float32))
     with pytest.raises(ValueError, match="C-contiguous"):
         rowio.read_rows(mapped, [1, 2], out=np.zeros((4, 2), np.float32).T)
+
+
+def test_write_rows_can_sync_each_write(tmp_path, monkeypatch):
+    mapped = np.lib.format.open_memmap(tmp_path / "c.npy", mode="w+", dtype=np.float32, shape=(4, 3))
+    synced = []
+    monkeypatch.setattr(rowio.os, "fdatasync", lambda fd: synced.append(fd), raising=False)
+    rowio.write_rows(mapped, 1, np.ones((2, 3)), sync=True)
+    rowio.write_rows(mapped, 3, np.ones((1, 3)))
+    assert len(synced) == 1
+    np.testing.assert_array_equal(np.load(tmp_path / "c.npy")[:, 0], [0, 1, 1, 1])

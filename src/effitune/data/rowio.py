@@ -79,8 +79,12 @@ def _read_into(fd: int, buffer: np.ndarray, offset: int) -> None:
         done += len(data)
 
 
-def write_rows(array: np.ndarray, start: int, values: np.ndarray, lead: int = 1) -> None:
-    """`array` seen as (rows, *array.shape[lead:]): rows start, start + 1, ... = `values`, written to the file."""
+def write_rows(array: np.ndarray, start: int, values: np.ndarray, lead: int = 1, sync: bool = False) -> None:
+    """`array` seen as (rows, *array.shape[lead:]): rows start, start + 1, ... = `values`, written to the file.
+
+    `sync`: on disk before returning (fdatasync), so a writer thread spreads the disk writes over the
+    run instead of leaving them all to the final `flush`.
+    """
     values = np.ascontiguousarray(values, dtype=array.dtype)
     path = npy_file(array)
     if path is None:
@@ -89,6 +93,9 @@ def write_rows(array: np.ndarray, start: int, values: np.ndarray, lead: int = 1)
     with open(path, "r+b") as stream:
         stream.seek(array.offset + start * _row_bytes(array, lead))
         stream.write(values.reshape(-1).view(np.uint8))
+        if sync:
+            stream.flush()
+            getattr(os, "fdatasync", os.fsync)(stream.fileno())
 
 
 def flush(array: np.ndarray) -> None:
