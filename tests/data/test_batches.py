@@ -121,3 +121,41 @@ def test_lightning_trains_from_image_batches(dataset):
     trainer.fit(module, train, ImageBatches(dataset, 8, pin=False))
     assert trainer.global_step == 2 * len(train) and train.epoch == 2
     assert "val_acc" in trainer.callback_metrics and not torch.equal(before, network.backbone.get_classifier().weight)
+
+
+def test_pad_batch_repeats_the_last_row():
+    from effitune.data.batches import pad_batch
+
+    x = torch.arange(6.0).view(3, 2)
+    padded = pad_batch(x, 5)
+    assert padded.shape == (5, 2) and torch.equal(padded[:3], x) and torch.equal(padded[3:], x[[2, 2]])
+    assert pad_batch(x, 3) is x and pad_batch(x, 2) is x and pad_batch(x[:0], 4).shape == (0, 2)
+
+
+def test_phase_module_pads_partial_batches_to_the_first_full_shape():
+    """GPU runs pad a partial batch (no new cuDNN shape) and cut the padding off: same logits, same loss."""
+    from effitune.models.backbones import create_backbone
+    from effitune.models.network import Network
+    from effitune.training.module import Optimization, PhaseModule
+    from effitune.training.stages import Phase
+
+    torch.manual_seed(0)
+    backbone, _ = create_backbone("tf_efficientnet_lite0", 3, pretrained=False)
+    network = Network(backbone, (0.5,) * 3, (0.5,) * 3)
+    shapes = []
+    network.register_forward_hook(lambda module, inputs, output: shapes.append(len(inputs[0])))
+    module = PhaseModule(network, Phase(1), "images", Optimization(1e-3, 0.0, 1, 1), pad_batches=True).eval()
+    full, partial = torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 255, (3, 3, 32, 32),
+                                                                                            dtype=torch.uint8)
+    with torch.no_grad():
+        module._logits(full, "val")
+        padded = module._logits(partial, "val")
+        plain = module(partial)
+    assert shapes == [4, 4, 3] and padded.shape == (3, 3)
+    torch.testing.assert_close(padded, plain, rtol=1e-4, atol=1e-4)
+    bn_trains = PhaseModule(network, Phase(1), "images", Optimization(1e-3, 0.0, 1, 1), train_bn=True,
+                            pad_batches=True)
+    shapes.clear()
+    with torch.no_grad():
+        bn_trains._logits(full, "train"), bn_trains._logits(partial, "train")
+    assert shapes == [4, 3]  # batch statistics would see the padding: not padded

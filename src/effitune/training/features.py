@@ -27,7 +27,7 @@ import torch
 
 from .. import distributed
 from ..data import rowio
-from ..data.batches import ImageBatches
+from ..data.batches import ImageBatches, pad_batch
 from ..data.datamodule import ImageDataset, collate_batched
 from ..models import backbones
 from ..models.network import Network
@@ -189,8 +189,11 @@ def _write_views(network: Network, dataset: ImageDataset, depths: list[int], fol
                 if onnx_run is not None:
                     captured = {k: torch.from_numpy(v) for k, v in onnx_run(images).items()}
                 else:
+                    n = len(images)
+                    images = pad_batch(images, batch_size)  # one input shape per process (GPU: see pad_batch)
                     with autocast:
                         captured = _capture(network, images.contiguous(memory_format=torch.channels_last), depths)
+                    captured = {name: tensor[:n] for name, tensor in captured.items()}
                 for name, tensor in captured.items():
                     if name not in arrays:
                         temporaries[name] = folder / f"{name}{suffix}.{uuid.uuid4().hex[:8]}.tmp.npy"

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from ..data.batches import pad_batch
 from ..models.network import Network
 from .stages import Phase, freeze_for, set_train_mode
 
@@ -33,13 +34,18 @@ class Optimization:
 
 class PhaseModule(L.LightningModule):
     def __init__(self, network: Network, phase: Phase, inputs: str, optimization: Optimization,
-                 train_bn: bool = False, class_weights: torch.Tensor | None = None, batch_augment=None):
+                 train_bn: bool = False, class_weights: torch.Tensor | None = None, batch_augment=None,
+                 pad_batches: bool = False):
         super().__init__()
         if inputs not in INPUTS:
             raise ValueError(f"inputs must be one of {INPUTS}")
         self.network, self.phase, self.inputs = network, phase, inputs
         self.optimization, self.train_bn = optimization, train_bn
         self.batch_augment = batch_augment  # per-sample augmentation of whole batches on the device
+        # GPU: a partial last batch is padded to the full batch's shape (batches.pad_batch: each new
+        # shape costs cuDNN seconds) and its padding cut from the logits before the loss and metrics
+        self.pad_batches = pad_batches
+        self._full_batch: dict[str, int] = {}
         self.loss = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=optimization.label_smoothing)
         freeze_for(network, phase, train_bn)
 
@@ -74,9 +80,16 @@ class PhaseModule(L.LightningModule):
             x = self.batch_augment(x)
         return x, y
 
+    def _logits(self, x: torch.Tensor, split: str) -> torch.Tensor:
+        # padding changes nothing for the real rows unless BatchNorm computes batch statistics
+        if not self.pad_batches or (self.train_bn and split == "train"):
+            return self(x)
+        full = self._full_batch[split] = max(self._full_batch.get(split, 0), len(x))
+        return self(pad_batch(x, full))[:len(x)]
+
     def _step(self, batch, split: str) -> torch.Tensor:
         x, y = batch
-        logits = self(x)
+        logits = self._logits(x, split)
         loss = self.loss(logits, y)
         accuracy = (logits.argmax(1) == y).float().mean()
         on_step = split == "train"

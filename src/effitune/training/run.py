@@ -279,12 +279,13 @@ def _cached_inputs(network, datamodule, config, paths, depths) -> dict:
     device = _device(config)
     console.print(f"caching frozen-prefix activations ({config.train.cache_views} views) on {device}...")
     began = time.perf_counter()
+    batch = max(128, config.train.batch_size)  # ONNX Runtime on a CPU gains little beyond 128; a GPU wants 256
     train = compute_activations(network, datamodule.dataset("train", augment=device == "cpu"), cut_depths,
                                 paths.features / "train", views=config.train.cache_views, device=device,
-                                workers=datamodule.workers, batch_augment=_batch_augment(config, device),
-                                sharded=True)
+                                batch_size=batch, workers=datamodule.workers,
+                                batch_augment=_batch_augment(config, device), sharded=True)
     val = compute_activations(network, datamodule.dataset("val"), cut_depths, paths.features / "val",
-                              views=1, device=device, workers=datamodule.workers, sharded=True)
+                              views=1, device=device, batch_size=batch, workers=datamodule.workers, sharded=True)
     network.to("cpu")
     console.print(f"cached in {time.perf_counter() - began:.0f} s")
     return {"train": train, "val": val}
@@ -325,7 +326,7 @@ def _fit_phase(network, phase: Phase, datamodule, inputs, config: Config, paths:
                                 warmup_epochs=stage.warmup_epochs,
                                 label_smoothing=config.train.label_smoothing)
     module = PhaseModule(network, phase, kind, optimization, train_bn=config.train.train_bn, class_weights=weights,
-                         batch_augment=_batch_augment(config, _device(config)))
+                         batch_augment=_batch_augment(config, _device(config)), pad_batches=_device(config) == "cuda")
     checkpoint_dir = paths.checkpoints / phase.name
     checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val_acc", mode="max",
                                  save_top_k=1, save_last=True)
