@@ -8,6 +8,10 @@ check on a held-out known sample and on each unknown set.
 
     python benchmarks/ood.py --work /tmp/ood-bench                     # trains a small model (~2 min)
     python benchmarks/ood.py --work /tmp/ood-bench --run /tmp/demo1/run  # reuses a run (copies its bundle)
+    python benchmarks/ood.py --work /tmp/ood-near --hold-out shirt,ankle_boot   # near-OOD: classes never trained
+
+`--hold-out` (fresh runs only) trains without those Fashion-MNIST classes and adds their images as one
+more unknown set: unknown images of the same domain, where the trained features matter most.
 """
 from __future__ import annotations
 
@@ -79,7 +83,8 @@ def unknown_sets(work: Path) -> dict[str, Path]:
     return sets
 
 
-def prepare_bundle(work: Path, run: Path | None, per_class: int, epochs: int) -> tuple[Path, Path]:
+def prepare_bundle(work: Path, run: Path | None, per_class: int, epochs: int, unfreeze: str = "1",
+                   hold_out: list[str] = ()) -> tuple[Path, Path]:
     """(bundle with unknown statistics, manifest) from a copied run or a fresh small training run."""
     import effitune
     from effitune import ood
@@ -91,7 +96,12 @@ def prepare_bundle(work: Path, run: Path | None, per_class: int, epochs: int) ->
         if not (run / "model" / "effitune.json").is_file():
             shutil.rmtree(run, ignore_errors=True)
             images = export_fashion_mnist(work / "fashion-mnist", per_class=per_class)
-            overrides = {"train.stage1.epochs": epochs, "train.stage2.epochs": epochs, "train.unfreeze": "1"}
+            for name in hold_out:  # never trained on: one more unknown set, of the same domain
+                target = work / "unknown" / "held-out classes" / name
+                if (images / name).is_dir():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(str(images / name), str(target))
+            overrides = {"train.stage1.epochs": epochs, "train.stage2.epochs": epochs, "train.unfreeze": unfreeze}
             effitune.train(images, out=run, config=effitune.load_config(overrides=overrides))
     bundle = work / "model"
     if not bundle.is_dir():
@@ -109,8 +119,13 @@ def main() -> None:
     parser.add_argument("--run", type=Path, help="Reuse this Fashion-MNIST run folder (its bundle is copied).")
     parser.add_argument("--per-class", type=int, default=150, help="Images per class when training.")
     parser.add_argument("--epochs", type=int, default=3, help="Epochs per phase when training.")
+    parser.add_argument("--unfreeze", default="1", help="train.unfreeze when training.")
+    parser.add_argument("--hold-out", default="", help="Comma-separated classes to leave out of training.")
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     args = parser.parse_args()
+    hold_out = [name for name in args.hold_out.split(",") if name]
+    if hold_out and args.run:
+        parser.error("--hold-out trains a fresh model: leave out --run")
 
     from effitune import drift, ood
     from effitune.bundle import read_meta
@@ -118,8 +133,10 @@ def main() -> None:
     from effitune.predict import Predictor
 
     args.work.mkdir(parents=True, exist_ok=True)
-    bundle, manifest = prepare_bundle(args.work, args.run, args.per_class, args.epochs)
+    bundle, manifest = prepare_bundle(args.work, args.run, args.per_class, args.epochs, args.unfreeze, hold_out)
     sets = unknown_sets(args.work)
+    if hold_out:
+        sets["held-out classes"] = args.work / "unknown" / "held-out classes"
     predictor = Predictor(bundle)
     detector, meta = predictor.unknown, read_meta(bundle)
     print(f"bundle {bundle}: test accuracy {meta.get('metrics', {}).get('accuracy', float('nan')):.4f}, "

@@ -39,6 +39,10 @@ def test_train_writes_a_bundle_and_learns(trained):
     assert meta["classes"] == ["blue", "green", "red"]
     assert meta["preprocessing"]["size"] == 64
     assert {p["phase"] for p in meta["phases"]} == {"stage1", "stage2-depth1"}
+    # the features the unknown-image score reads: pooled + the pooled input of the stages the best phase trained
+    best_depth = 1 if next(p["phase"] for p in meta["phases"] if p["best"]) == "stage2-depth1" else 0
+    assert meta["embedding"]["frozen_depth"] == best_depth and meta["embedding"]["pooled_dim"] == 1280
+    assert meta["unknown"]["score"] == "knn-frozen" and "knn-frozen" in meta["unknown"]["thresholds"]
     # colour-tinted classes: a working pipeline is far above chance (1/3) on the 9 held-out images
     assert summary["metrics"]["accuracy"] >= 0.75
     history = (out / "history.csv").read_text().splitlines()

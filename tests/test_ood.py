@@ -84,6 +84,50 @@ def test_saved_detector_scores_the_same(detector, tmp_path):
     assert (tmp_path / ood.OOD_FILE).stat().st_size < 200_000
 
 
+def with_prefix(parts, dim: int = 16, shift: float = 0.0, seed: int = 0):
+    """(logits, [features | prefix features], labels): a second feature block, one cluster for every class."""
+    logits, features, labels = parts
+    prefix = np.random.default_rng(seed).normal(0, 1, (len(labels), dim)) + 3 + shift
+    return logits, np.concatenate([features, prefix.astype(np.float32)], 1), labels
+
+
+def test_knn_frozen_sees_unknowns_the_pooled_features_miss():
+    _, train_features, train_labels = with_prefix(clusters(300, seed=1), seed=1)
+    val_logits, val_features, val_labels = with_prefix(clusters(250, seed=2), seed=2)
+    found = ood.UnknownDetector.fit(train_features, train_labels, val_logits, val_features, val_labels,
+                                    bank_size=600, pooled_dim=32)
+    section = ood.calibrate(found, val_logits, val_features, 0.9)
+    assert section["score"] == "knn-frozen" and "knn-frozen" in section["thresholds"]
+    assert found.bank.shape[1] == 32 and found.prefix_bank.shape[1] == 16 and found.reference.shape[1] == 32
+    assert found.section["val_tpr"] == pytest.approx(0.9, abs=0.01)
+    # unknowns like the classes in the pooled features, far off in the frozen-prefix ones
+    unknown_logits, unknown_features, _ = with_prefix(clusters(100, seed=4), shift=-6.0, seed=4)
+    known, unknown = found.scores(val_logits, val_features), found.scores(unknown_logits, unknown_features)
+    assert ood.ood_metrics(known["knn"], unknown["knn"])["auroc"] < 0.7
+    assert ood.ood_metrics(known["knn-frozen"], unknown["knn-frozen"])["auroc"] > 0.99
+    # and far off in the pooled features only: still caught (the lower standardized score counts)
+    far_logits, far_features, _ = with_prefix(clusters(100, seed=5, shift=8.0), seed=5)
+    assert ood.ood_metrics(known["knn-frozen"], found.score(far_logits, far_features))["auroc"] > 0.99
+    with pytest.raises(ood.UserError, match="frozen-prefix columns"):
+        found.score(val_logits, val_features[:, :40])
+
+
+def test_knn_frozen_round_trips_and_is_refused_without_prefix_features(detector, tmp_path):
+    _, train_features, train_labels = with_prefix(clusters(100, seed=1), seed=1)
+    val_logits, val_features, val_labels = with_prefix(clusters(100, seed=2), seed=2)
+    found = ood.UnknownDetector.fit(train_features, train_labels, val_logits, val_features, val_labels,
+                                    bank_size=200, pooled_dim=32)
+    ood.calibrate(found, val_logits, val_features, 0.9)
+    found.save(tmp_path)
+    loaded = ood.UnknownDetector.load(tmp_path, found.section)
+    np.testing.assert_allclose(loaded.score(val_logits, val_features), found.score(val_logits, val_features),
+                               rtol=1e-5, atol=1e-5)
+    plain, (plain_logits, plain_features) = detector  # fitted on pooled features alone (older bundles)
+    assert "knn-frozen" not in plain.available and plain.section["score"] == "knn"
+    with pytest.raises(ood.UserError, match="frozen-prefix features"):
+        ood.calibrate(plain, plain_logits, plain_features, 0.9, "knn-frozen")
+
+
 def test_stratified_sample_follows_the_class_mix():
     labels = np.repeat([0, 1, 2], [600, 300, 100])
     chosen = ood.stratified_sample(labels, 100)
@@ -126,7 +170,8 @@ def tiny_bundle(tmp_path_factory):
     backbone, _ = create_backbone("tf_efficientnet_lite0", len(classes))
     network = Network(backbone, (0.5,) * 3, (0.5,) * 3).eval()
     meta = {"classes": classes, "backbone": "tf_efficientnet_lite0",
-            "preprocessing": {"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}}
+            "preprocessing": {"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
+            "embedding": {"frozen_depth": 3, "pooled_dim": 1280, "prefix_dim": 80}}  # as training writes it
     folder = bundles.save_bundle(root / "model", network.state_dict(), meta)
     predictor = Predictor(folder)
     parts = {}
@@ -134,7 +179,9 @@ def tiny_bundle(tmp_path_factory):
         chosen = [p for p in images_in(data) if int(p.stem.split("_")[-1]) % 3 == remainder]
         logits, features = predictor.run(np.stack([predictor.preprocess(p) for p in chosen]))
         parts[name] = (chosen, logits, features, np.array([classes.index(p.parent.name) for p in chosen]))
-    ood.fit_and_attach(folder, 1.0, (parts["train"][2], parts["train"][3]), parts["val"][1:], target_tpr=0.95)
+    assert parts["train"][2].shape[1] == 1280 + 80  # [pooled | pooled frozen prefix]
+    ood.fit_and_attach(folder, 1.0, (parts["train"][2], parts["train"][3]), parts["val"][1:], target_tpr=0.95,
+                       pooled_dim=predictor.pooled_dim)
     noise = root / "noise"
     noise.mkdir()
     rng = np.random.default_rng(0)
@@ -156,7 +203,7 @@ def predict_json(*args) -> list[dict]:
 def test_bundle_carries_the_unknown_section(tiny_bundle):
     folder, _, _ = tiny_bundle
     section = json.loads((folder / "effitune.json").read_text())["unknown"]
-    assert section["score"] == "knn" and section["target_tpr"] == 0.95 and section["val_tpr"] >= 0.95
+    assert section["score"] == "knn-frozen" and section["target_tpr"] == 0.95 and section["val_tpr"] >= 0.95
     assert (folder / ood.OOD_FILE).is_file()
 
 
@@ -167,7 +214,7 @@ def test_predict_json_reports_unknown_and_no_reject_keeps_the_class(tiny_bundle)
     keys = {"path", "label", "probability", "top_k", "unknown", "unknown_score", "score_name"}
     assert all(set(line) == keys for line in rejected)
     assert rejected[0]["unknown"] is False and rejected[0]["label"] is not None
-    assert rejected[1]["unknown"] is True and rejected[1]["label"] is None and rejected[1]["score_name"] == "knn"
+    assert rejected[1]["unknown"] is True and rejected[1]["label"] is None and rejected[1]["score_name"] == "knn-frozen"
     kept = predict_json(folder, known_file, noise_file, "--no-reject")
     assert kept[1]["unknown"] is True and kept[1]["label"] == kept[1]["top_k"][0]["label"]
     assert [line["unknown_score"] for line in kept] == pytest.approx([line["unknown_score"] for line in rejected])
@@ -179,7 +226,7 @@ def test_ood_eval_json(tiny_bundle):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["n_unknown"] == 20 and set(report["scores"]) == set(ood.SCORES)
-    assert report["scores"]["knn"]["auroc"] > 0.95
+    assert report["scores"]["knn"]["auroc"] > 0.95 and report["scores"]["knn-frozen"]["auroc"] > 0.95
     assert {"fpr_at_95_tpr", "selective_accuracy", "known_accepted", "unknown_rejected"} <= set(report["scores"]["knn"])
 
 
@@ -191,10 +238,27 @@ def test_drift_cli(tiny_bundle, which, verdicts):
     report = json.loads(result.stdout)
     assert report["verdict"] in verdicts, report["message"]
     if which == "held_out":
-        assert abs(report["drift_score"]) < 0.05 and report["unknown_share"] < 0.2
+        # 30 validation images set the threshold (bank of 30, k = 1): knn alone flags 5 of these 30, knn-frozen 6
+        assert abs(report["drift_score"]) < 0.05 and report["unknown_share"] <= 0.25
 
 
 def test_drift_without_statistics_is_a_clear_error(tmp_path):
     save_random_bundle(tmp_path / "model")
     result = runner.invoke(app, ["drift", str(tmp_path / "model"), str(tmp_path)])
     assert result.exit_code == 2 and "no unknown-image statistics" in result.output
+
+
+def test_onnx_export_carries_the_frozen_prefix_features(tiny_bundle, tmp_path):
+    import shutil
+
+    from effitune.export import export_onnx
+
+    folder, held_out, _ = tiny_bundle
+    copy = shutil.copytree(folder, tmp_path / "model")
+    images = np.stack([Predictor(copy).preprocess(p) for p in images_in(held_out)[:6]])
+    export_onnx(copy, samples=images)
+    torch_run, onnx_run = Predictor(copy, backend="torch"), Predictor(copy, backend="onnx")
+    (torch_logits, torch_features), (onnx_logits, onnx_features) = torch_run.run(images), onnx_run.run(images)
+    assert onnx_features.shape == torch_features.shape == (6, 1280 + 80)
+    np.testing.assert_allclose(onnx_run.unknown.score(onnx_logits, onnx_features),
+                               torch_run.unknown.score(torch_logits, torch_features), rtol=1e-3, atol=1e-3)

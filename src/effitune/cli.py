@@ -142,7 +142,7 @@ def train(data: Optional[Path] = typer.Argument(None, help="Data folder / CSV (n
           logger: Optional[str] = typer.Option(None, help="csv | tensorboard | mlflow, or several comma-joined."),
           seed: Optional[int] = typer.Option(None),
           unknown_dir: Optional[Path] = typer.Option(None, help="Example images of no class: the unknown-image "
-                                                     "score is chosen on them (default score: knn)."),
+                                                     "score is chosen on them (default score: knn-frozen)."),
           json_output: bool = typer.Option(False, "--json", help="Print the test metrics as JSON.")):
     """Scan -> split -> two-stage training -> evaluation on the test split -> model bundle."""
     from .training.run import train as run_train

@@ -77,7 +77,7 @@ class TrainConfig:
 @dataclass
 class UnknownConfig:
     target_tpr: float = 0.95  # share of known validation images that must still be accepted
-    score: str = "auto"  # msp | energy | knn | mahalanobis | auto (best on --unknown-dir, else knn)
+    score: str = "auto"  # msp | energy | knn | mahalanobis | knn-frozen | auto (best on --unknown-dir, else knn-frozen)
 
 
 @dataclass
@@ -157,8 +157,9 @@ def validate(config: Config) -> None:
     if not {n.strip().lower() for n in str(t.logger).split(",")} <= set(LOGGERS):
         raise ConfigError(f"train.logger '{t.logger}' must be csv, tensorboard or mlflow (or several, comma-joined).")
     _check_distribution(t)
-    if config.unknown.score not in ("auto", "msp", "energy", "knn", "mahalanobis"):
-        raise ConfigError(f"unknown.score '{config.unknown.score}' must be auto, msp, energy, knn or mahalanobis.")
+    if config.unknown.score not in ("auto", "msp", "energy", "knn", "mahalanobis", "knn-frozen"):
+        raise ConfigError(f"unknown.score '{config.unknown.score}' must be auto, msp, energy, knn, mahalanobis or "
+                          "knn-frozen.")
     if not 0 < config.unknown.target_tpr <= 1:
         raise ConfigError(f"unknown.target_tpr ({config.unknown.target_tpr}) must be in (0, 1].")
 

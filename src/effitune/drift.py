@@ -64,7 +64,8 @@ def drift_report(detector: UnknownDetector, classes: list[str], logits: np.ndarr
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(len(features), MAX_IMAGES, replace=False)) if len(features) > MAX_IMAGES \
         else np.arange(len(features))
-    score, p_value, null_quantile = mmd_permutation_test(l2_normalize(features[sample]), detector.reference,
+    pooled = l2_normalize(detector.pooled(features)[sample])
+    score, p_value, null_quantile = mmd_permutation_test(pooled, detector.reference,
                                                          seed=seed)
     flagged = int(detector.is_unknown(detector.score(logits, features)).sum())
     unknown_share = flagged / len(logits)

@@ -7,13 +7,20 @@ Every score is "higher = more like the training data":
   (Sun et al., 2022), against a float16, class-stratified sample of the training features;
 - mahalanobis: minus the smallest class-conditional Mahalanobis distance, one covariance shared by all
   classes (Lee et al., 2018), on normalized features; the covariance is kept as its leading
-  eigenvectors plus one residual variance, so it stays small.
+  eigenvectors plus one residual variance, so it stays small;
+- knn-frozen: knn on the pooled features and knn on the pooled output of the layers training left
+  frozen (ImageNet's own mid-level features, which fine-tuning cannot pull unknown images towards the
+  classes), each standardized by its validation median and interquartile range; the lower counts.
+  The features of a bundle that has them are [pooled | pooled frozen prefix] (`pooled_dim` columns
+  first); every other score reads the pooled part alone. Using features from several layers follows
+  Lee et al. (2018)'s feature ensemble; taking the minimum lets either layer veto an image.
 The threshold is the score that keeps `target_tpr` of the known validation images: an image that
 scores below it is reported as unknown. Tensors go to `ood.safetensors`, the choice and its numbers
 to the `unknown` section of effitune.json; no pickle anywhere.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -84,15 +91,25 @@ class UnknownDetector:
     reference: np.ndarray  # (M, D) normalized validation features, training class mix: the drift reference
     reference_predicted: np.ndarray  # (M,) the class predicted for each reference image
     section: dict  # the bundle's `unknown` section (score, threshold, ...); {} before calibration
+    pooled_dim: int | None = None  # leading feature columns that are the pooled features (None: all)
+    prefix_bank: np.ndarray | None = None  # (N, P) normalized pooled frozen-prefix features of the bank images
+    standardize: dict | None = None  # {"knn": [median, iqr], "prefix": [median, iqr]} of validation scores
 
     @classmethod
     def fit(cls, train_features: np.ndarray, train_labels: np.ndarray, val_logits: np.ndarray,
             val_features: np.ndarray, val_labels: np.ndarray, temperature: float = 1.0, bank_size: int = BANK_SIZE,
-            seed: int = 0) -> "UnknownDetector":
-        """Statistics from (a sample of) the training features; the reference from validation images."""
+            seed: int = 0, pooled_dim: int | None = None) -> "UnknownDetector":
+        """Statistics from (a sample of) the training features; the reference from validation images.
+
+        `pooled_dim`: features are [pooled | pooled frozen prefix] with this many pooled columns.
+        """
         labels = np.asarray(train_labels)
         if not len(labels):
             raise UserError("Unknown-image statistics need training images; the train split is empty.")
+        train_features, val_features = np.asarray(train_features), np.asarray(val_features)
+        width = train_features.shape[1] if pooled_dim is None else pooled_dim
+        prefix = train_features[:, width:]
+        train_features, val_pooled = train_features[:, :width], val_features[:, :width]
         normalized = l2_normalize(train_features)
         classes, index = np.unique(labels, return_inverse=True)
         means = np.stack([normalized[index == i].mean(axis=0) for i in range(len(classes))])
@@ -101,14 +118,42 @@ class UnknownDetector:
         # Held-out images (training images sit closer to the bank), drawn in the training class mix.
         mix = np.bincount(labels, minlength=int(max(labels.max(), np.max(val_labels, initial=0))) + 1) / len(labels)
         chosen = stratified_sample(val_labels, REFERENCE_SIZE, seed, shares=mix)
-        return cls(float(temperature), _as_stored(normalized[keep]), means, components, eigenvalues, residual,
-                   default_k(len(keep)), _as_stored(l2_normalize(val_features)[chosen]),
-                   np.asarray(val_logits).argmax(axis=1)[chosen], {})
+        detector = cls(float(temperature), _as_stored(normalized[keep]), means, components, eigenvalues, residual,
+                       default_k(len(keep)), _as_stored(l2_normalize(val_pooled)[chosen]),
+                       np.asarray(val_logits).argmax(axis=1)[chosen], {}, width)
+        if prefix.shape[1]:
+            detector.prefix_bank = _as_stored(l2_normalize(prefix[keep]))
+            detector.standardize = {name: _median_and_spread(values)
+                                    for name, values in detector._knn_parts(val_features).items()}
+        return detector
+
+    @property
+    def available(self) -> list[str]:
+        """The scores this detector can compute (knn-frozen needs the frozen-prefix features)."""
+        return [name for name in SCORES if name != "knn-frozen" or self.prefix_bank is not None]
+
+    def pooled(self, features: np.ndarray) -> np.ndarray:
+        """The pooled-feature columns of `features`."""
+        return np.asarray(features)[:, :self.pooled_dim] if self.pooled_dim is not None else np.asarray(features)
+
+    def _knn_parts(self, features: np.ndarray) -> dict[str, np.ndarray]:
+        features = np.asarray(features, np.float32)
+        width = self.pooled_dim
+        if features.shape[1] != width + self.prefix_bank.shape[1]:
+            raise UserError(f"The features have {features.shape[1]} columns; this bundle's unknown-image statistics "
+                            f"expect {width} pooled + {self.prefix_bank.shape[1]} frozen-prefix columns. Was the "
+                            "ONNX file exported from another bundle? Export it again.")
+        return {"knn": kth_similarity(l2_normalize(features[:, :width]), self.bank, self.k),
+                "prefix": kth_similarity(l2_normalize(features[:, width:]), self.prefix_bank, self.k)}
 
     def scores(self, logits: np.ndarray, features: np.ndarray, names: Iterable[str] | None = None) -> dict:
         """{score name: (N,) scores} for the named scores (default: all)."""
+        unavailable = [name for name in (names or []) if name not in self.available]
+        if unavailable:
+            raise UserError(f"unknown-image score '{unavailable[0]}' needs frozen-prefix features this bundle does "
+                            f"not have (made before they existed); use one of {', '.join(self.available)}.")
         return {name: SCORES[name](self, np.asarray(logits, np.float32), np.asarray(features, np.float32))
-                for name in (names or SCORES)}
+                for name in (names or self.available)}
 
     @property
     def score_name(self) -> str:
@@ -125,11 +170,16 @@ class UnknownDetector:
                    "components": self.components.astype(np.float32),  # float16 would break orthonormality
                    "eigenvalues": self.eigenvalues.astype(np.float32), "reference": self.reference.astype(np.float16),
                    "reference_predicted": self.reference_predicted.astype(np.int32)}
+        metadata = {"k": str(self.k), "residual_variance": repr(self.residual_variance),
+                    "temperature": repr(self.temperature)}
+        if self.pooled_dim is not None:
+            metadata["pooled_dim"] = str(self.pooled_dim)
+        if self.prefix_bank is not None:
+            tensors["prefix_bank"] = self.prefix_bank.astype(np.float16)
+            metadata["standardize"] = json.dumps(self.standardize)
         # safetensors.numpy writes a transposed view's memory in the wrong order: make every array contiguous
         save_file({name: np.ascontiguousarray(array) for name, array in tensors.items()},
-                  str(Path(folder) / OOD_FILE),
-                  metadata={"k": str(self.k), "residual_variance": repr(self.residual_variance),
-                            "temperature": repr(self.temperature)})
+                  str(Path(folder) / OOD_FILE), metadata=metadata)
 
     @classmethod
     def load(cls, folder: str | Path, section: dict) -> "UnknownDetector":
@@ -143,12 +193,20 @@ class UnknownDetector:
         as_float = {name: tensors[name].astype(np.float32) for name in tensors}
         return cls(float(info["temperature"]), as_float["bank"], as_float["class_means"], as_float["components"],
                    as_float["eigenvalues"], float(info["residual_variance"]), int(info["k"]), as_float["reference"],
-                   tensors["reference_predicted"].astype(np.int64), dict(section))
+                   tensors["reference_predicted"].astype(np.int64), dict(section),
+                   int(info["pooled_dim"]) if "pooled_dim" in info else None, as_float.get("prefix_bank"),
+                   json.loads(info["standardize"]) if "standardize" in info else None)
 
 
 def _as_stored(features: np.ndarray) -> np.ndarray:
     """Round to float16 as ood.safetensors does, so calibration scores with exactly what is stored."""
     return features.astype(np.float16).astype(np.float32)
+
+
+def _median_and_spread(scores: np.ndarray) -> list[float]:
+    """Median and interquartile range (floored: a constant score must not divide by zero)."""
+    low, median, high = np.percentile(np.asarray(scores, np.float64), [25, 50, 75])
+    return [float(median), float(max(high - low, 1e-6))]
 
 
 def _shared_covariance(centered: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -181,7 +239,14 @@ def _energy(detector: UnknownDetector, logits: np.ndarray, features: np.ndarray)
 
 @register_score("knn")
 def _knn(detector: UnknownDetector, logits: np.ndarray, features: np.ndarray, chunk: int = 1024) -> np.ndarray:
-    return kth_similarity(l2_normalize(features), detector.bank, detector.k, chunk)
+    return kth_similarity(l2_normalize(detector.pooled(features)), detector.bank, detector.k, chunk)
+
+
+@register_score("knn-frozen")
+def _knn_frozen(detector: UnknownDetector, logits: np.ndarray, features: np.ndarray) -> np.ndarray:
+    parts = detector._knn_parts(features)
+    return np.min([(parts[name] - median) / spread for name, (median, spread) in detector.standardize.items()],
+                  axis=0).astype(np.float32)
 
 
 def kth_similarity(queries: np.ndarray, bank: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
@@ -196,7 +261,7 @@ def kth_similarity(queries: np.ndarray, bank: np.ndarray, k: int, chunk: int = 1
 
 @register_score("mahalanobis")
 def _mahalanobis(detector: UnknownDetector, logits: np.ndarray, features: np.ndarray) -> np.ndarray:
-    x, means = l2_normalize(features), detector.means
+    x, means = l2_normalize(detector.pooled(features)), detector.means
     squared = (x ** 2).sum(1)[:, None] - 2 * x @ means.T + (means ** 2).sum(1)[None]  # ||x - mu_c||^2
     px, pm = x @ detector.components.T, means @ detector.components.T
     inside = _weighted_squared_distance(px, pm, 1 / detector.eigenvalues)
@@ -234,21 +299,25 @@ def calibrate(detector: UnknownDetector, val_logits: np.ndarray, val_features: n
               score: str = "auto", unknown: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Fill `detector.section`: thresholds for every score at `target_tpr`, and which score predict uses.
 
-    "auto" is knn (ahead of msp and energy on OpenOOD v1.5's far-OOD sets) unless unknown example
-    images were given: then the score with the best AUROC against them (ties keep the earlier score).
+    "auto" is knn-frozen where the bundle has frozen-prefix features, else knn (ahead of msp and
+    energy on OpenOOD v1.5's far-OOD sets), unless unknown example images were given: then the score
+    with the best AUROC against them (ties keep the earlier score).
     """
-    if score != "auto" and score not in SCORES:
-        raise UserError(f"unknown.score '{score}' is not a score; use auto or one of {', '.join(SCORES)}.")
+    if score != "auto" and score not in detector.available:
+        raise UserError(f"unknown.score '{score}' is not a score of this bundle (knn-frozen needs the frozen-prefix "
+                        f"features that bundles made before them lack); use auto or one of "
+                        f"{', '.join(detector.available)}.")
     if not len(val_logits):
         raise UserError("Unknown-image calibration needs validation images; the val split is empty.")
     val = detector.scores(val_logits, val_features)
     thresholds = {name: threshold_for(values, target_tpr) for name, values in val.items()}
     section = {"target_tpr": float(target_tpr), "thresholds": thresholds, "k": detector.k,
                "bank_size": len(detector.bank), "n_val": int(len(val_logits))}
-    chosen, how = (score, "configured") if score != "auto" else ("knn", "default (no unknown examples given)")
+    default = "knn-frozen" if "knn-frozen" in detector.available else "knn"
+    chosen, how = (score, "configured") if score != "auto" else (default, "default (no unknown examples given)")
     if unknown is not None and len(unknown[0]):
         examples = detector.scores(*unknown)
-        aurocs = {name: ood_metrics(val[name], examples[name])["auroc"] for name in SCORES}
+        aurocs = {name: ood_metrics(val[name], examples[name])["auroc"] for name in detector.available}
         section["example_auroc"] = aurocs
         section["n_unknown_examples"] = int(len(unknown[0]))
         if score == "auto":
@@ -317,9 +386,9 @@ def embed(predictor, sources: Iterable, batch_size: int = 64) -> tuple[list[str]
 def fit_and_attach(folder: str | Path, temperature: float, train: tuple[np.ndarray, np.ndarray],
                    val: tuple[np.ndarray, np.ndarray, np.ndarray], target_tpr: float = 0.95, score: str = "auto",
                    unknown: tuple[np.ndarray, np.ndarray] | None = None, seed: int = 0,
-                   bank_size: int = BANK_SIZE) -> dict:
+                   bank_size: int = BANK_SIZE, pooled_dim: int | None = None) -> dict:
     """train = (features, labels), val = (logits, features, labels), unknown = (logits, features) examples."""
-    detector = UnknownDetector.fit(train[0], train[1], *val, temperature, bank_size, seed)
+    detector = UnknownDetector.fit(train[0], train[1], *val, temperature, bank_size, seed, pooled_dim)
     calibrate(detector, val[0], val[1], target_tpr, score, unknown)
     return attach(folder, detector)["unknown"]
 
@@ -341,7 +410,7 @@ def calibrate_bundle(bundle: str | Path, manifest: str | Path, unknown_dir: str 
     val = (val_logits, val_features, np.array([label_of[p] for p in read]))
     examples = embed(predictor, [unknown_dir])[1:3] if unknown_dir else None
     return fit_and_attach(bundle, predictor.temperature, (train_features, train_labels), val, target_tpr, score,
-                          examples, bank_size=bank_size)
+                          examples, bank_size=bank_size, pooled_dim=predictor.pooled_dim)
 
 
 # --- evaluation on known and unknown images -------------------------------------------------------
@@ -377,7 +446,7 @@ def evaluate_arrays(detector: UnknownDetector, known: tuple[np.ndarray, np.ndarr
     correct = known[0].argmax(1) == known[2]
     known_scores, unknown_scores = detector.scores(*known[:2]), detector.scores(*unknown)
     rows = {}
-    for name in SCORES:
+    for name in detector.available:
         threshold = detector.section["thresholds"][name]
         rows[name] = {**ood_metrics(known_scores[name], unknown_scores[name]),
                       **acceptance(known_scores[name], threshold, correct),

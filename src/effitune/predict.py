@@ -26,7 +26,9 @@ from .ood import load_detector
 def build_network(meta: dict) -> Network:
     backbone, _ = create_backbone(meta["backbone"], len(meta["classes"]), pretrained=False)
     prep = meta["preprocessing"]
-    return Network(backbone, tuple(prep["mean"]), tuple(prep["std"]))
+    network = Network(backbone, tuple(prep["mean"]), tuple(prep["std"]))
+    network.frozen_depth = meta.get("embedding", {}).get("frozen_depth")  # bundles before it: pooled only
+    return network
 
 
 def load_network(folder: str | Path, meta: dict | None = None) -> Network:
@@ -57,10 +59,10 @@ class TorchEngine:
 
     @torch.inference_mode()
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (N, H, W, 3) -> (logits (N, classes), pooled features (N, D)), float32."""
+        """uint8 (N, H, W, 3) -> (logits (N, classes), features (N, D [+ P]): see Network.embedding), float32."""
         batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2)
-        features = self.network.features(batch)
-        return self.network.head(features).float().cpu().numpy(), features.float().cpu().numpy()
+        pooled, features = self.network.embedding(batch)
+        return self.network.head(pooled).float().cpu().numpy(), features.float().cpu().numpy()
 
 
 def to_model_input(images: np.ndarray) -> np.ndarray:
@@ -88,7 +90,7 @@ class OnnxEngine:
         self.input = self.session.get_inputs()[0].name
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (N, H, W, 3) -> (logits (N, classes), pooled features (N, D)), float32."""
+        """uint8 (N, H, W, 3) -> (logits (N, classes), features (N, D [+ P])), float32."""
         logits, features = self.session.run(["logits", "features"], {self.input: to_model_input(images)})
         return logits, features
 
@@ -154,6 +156,8 @@ class Predictor:
         self.classes: list[str] = list(self.meta["classes"])
         self.size: int = int(self.meta["preprocessing"]["size"])
         self.temperature: float = float(self.meta.get("temperature") or 1.0)
+        # features are [pooled | pooled frozen prefix] (Network.embedding); None: pooled only (older bundles)
+        self.pooled_dim: int | None = self.meta.get("embedding", {}).get("pooled_dim")
         self.device = device
         self.backend = choose_backend(self.folder, backend, device)
         self.engine = TorchEngine(self.network, device) if self.backend == "torch" \

@@ -51,8 +51,10 @@ def test_shuffle_is_a_seeded_permutation_per_epoch(dataset):
                 order.append(index)
         return order
     loader = ImageBatches(dataset, 4, shuffle=True, seed=5, pin=False)
-    first, second = epoch_order(loader), epoch_order(loader)
-    assert sorted(first) == sorted(second) == list(range(11))
+    first, again = epoch_order(loader), epoch_order(loader)
+    loader.set_epoch(1)
+    second = epoch_order(loader)
+    assert sorted(first) == sorted(second) == list(range(11)) and again == first  # the epoch sets the order
     assert first != second  # a new permutation every epoch
     assert epoch_order(ImageBatches(dataset, 3, shuffle=True, seed=5, pin=False)) == first  # seed + epoch only
 
@@ -107,6 +109,7 @@ def test_lightning_trains_from_image_batches(dataset):
     from effitune.data.transforms import BatchAugment
     from effitune.models.backbones import create_backbone
     from effitune.models.network import Network
+    from effitune.training.callbacks import SetEpoch
     from effitune.training.module import Optimization, PhaseModule
     from effitune.training.stages import Phase
 
@@ -117,9 +120,9 @@ def test_lightning_trains_from_image_batches(dataset):
                          batch_augment=BatchAugment(16))
     before = network.backbone.get_classifier().weight.detach().clone()
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[SetEpoch(train)])
     trainer.fit(module, train, ImageBatches(dataset, 8, pin=False))
-    assert trainer.global_step == 2 * len(train) and train.epoch == 2
+    assert trainer.global_step == 2 * len(train) and train.epoch == 1  # the trainer's epoch, set by SetEpoch
     assert "val_acc" in trainer.callback_metrics and not torch.equal(before, network.backbone.get_classifier().weight)
 
 
@@ -130,6 +133,8 @@ def test_pad_batch_repeats_the_last_row():
     padded = pad_batch(x, 5)
     assert padded.shape == (5, 2) and torch.equal(padded[:3], x) and torch.equal(padded[3:], x[[2, 2]])
     assert pad_batch(x, 3) is x and pad_batch(x, 2) is x and pad_batch(x[:0], 4).shape == (0, 2)
+    images = torch.rand(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    assert pad_batch(images, 4).is_contiguous(memory_format=torch.channels_last)  # the full batches' layout
 
 
 def test_phase_module_pads_partial_batches_to_the_first_full_shape():
@@ -159,3 +164,11 @@ def test_phase_module_pads_partial_batches_to_the_first_full_shape():
     with torch.no_grad():
         bn_trains._logits(full, "train"), bn_trains._logits(partial, "train")
     assert shapes == [4, 3]  # batch statistics would see the padding: not padded
+
+
+def test_a_stopped_epoch_leaves_no_reads_behind(dataset):
+    loader = ImageBatches(dataset, 2, threads=2, prefetch=3, pin=False)
+    batches = iter(loader)
+    next(batches)
+    batches.close()  # what happens when training stops mid-epoch: the finally block shuts the pool down
+    assert sum(len(labels) for _, labels in loader) == 11  # and the loader still serves whole epochs

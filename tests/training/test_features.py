@@ -78,3 +78,21 @@ def test_views_augmented_on_the_device_do_not_depend_on_batches_or_threads(tmp_p
     with torch.inference_mode():
         live = network.features(torch.from_numpy(cache.stack(keys)).permute(0, 3, 1, 2)).numpy()
     np.testing.assert_allclose(runs[1]["pooled"][0].astype(np.float32), live, rtol=2e-2, atol=2e-2)
+
+
+def test_a_failed_write_is_raised_and_an_earlier_error_is_not_hidden(tmp_path, monkeypatch):
+    from effitune.data import rowio
+    from effitune.training import features
+
+    def broken(*args, **kwargs):
+        raise OSError("No space left on device")
+    monkeypatch.setattr(rowio, "write_rows", broken)
+    array = np.lib.format.open_memmap(tmp_path / "a.npy", mode="w+", dtype=np.float16, shape=(1, 4, 2))
+    writer = features._RowWriter(depth=1)
+    writer.put(array, 0, torch.zeros(2, 2))
+    with pytest.raises(OSError, match="No space"):
+        writer.put(array, 2, torch.zeros(2, 2))  # the queue is full: the failed first write surfaces here
+        writer.close()
+    writer = features._RowWriter()
+    writer.put(array, 0, torch.zeros(2, 2))
+    writer.abandon()  # after another error: the failed write stays out of the way

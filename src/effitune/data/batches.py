@@ -67,16 +67,20 @@ class ImageBatches:
         return padded[self.rank::self.world]
 
     def __iter__(self):
+        """One epoch. Lightning sets the epoch only on DataLoaders: a training run passes this loader to
+        `callbacks.SetEpoch`, so the order follows the trainer's epoch (also when a run resumes)."""
         order = self.order()
-        self.epoch += 1  # Lightning calls set_epoch only on DataLoaders: count epochs here
         chunks = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="effitune-batches") as pool:
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="effitune-batches")
+        try:
             pending = deque(pool.submit(self._read, chunk) for chunk in chunks[:self.prefetch])
             for chunk in chunks[self.prefetch:]:
                 yield pending.popleft().result()
                 pending.append(pool.submit(self._read, chunk))
             while pending:
                 yield pending.popleft().result()
+        finally:  # also when the consumer stops early: no reads left queued, no pinned buffers held
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _read(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         dataset, size = self.dataset, self.dataset.cache.size
@@ -96,4 +100,7 @@ def pad_batch(x: torch.Tensor, size: int) -> torch.Tensor:
     """
     if len(x) >= size or not len(x):
         return x
-    return torch.cat([x, x[-1:].expand(size - len(x), *x.shape[1:])])
+    padded = torch.cat([x, x[-1:].expand(size - len(x), *x.shape[1:])])
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        padded = padded.contiguous(memory_format=torch.channels_last)  # the full batches' layout (and plans)
+    return padded

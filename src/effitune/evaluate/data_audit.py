@@ -404,6 +404,7 @@ def audit_data(bundle: str | Path, data: str | Path, *, manifest: str | Path | N
     rows, records = labelled_rows(data, manifest=manifest)
     predictor = Predictor(bundle, device=device)
     _, features = embed(predictor, rows, cache=cache)
+    features = features[:, :predictor.pooled_dim]  # the pooled features (not the frozen-prefix part)
     return audit_features(features, [r["label"] for r in rows], [r["path"] for r in rows],
                           splits=[r.get("split") for r in rows],
                           metadata=image_metadata([r["path"] for r in rows], records), similarity=similarity)

@@ -187,6 +187,7 @@ def write_report(bundle: str | Path, data: str | Path | None = None, out: str | 
     predictor = Predictor(bundle, device=device)
     classes, temperature = predictor.classes, predictor.temperature
     logits, features = embed(predictor, rows, cache=cache)
+    features = features[:, :predictor.pooled_dim]  # the audit reads the pooled features
     evaluation = evaluate_rows(rows, logits, classes, temperature)
     paths = [row["path"] for row in rows]
     audit = audit_features(features, [r["label"] for r in rows], paths, splits=[r.get("split") for r in rows],

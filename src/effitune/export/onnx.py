@@ -62,8 +62,8 @@ class LogitsAndFeatures(nn.Module):
         self.network = network
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.network.features(images)
-        return self.network.head(features), features
+        pooled, features = self.network.embedding(images)
+        return self.network.head(pooled), features
 
 
 def export_onnx(bundle: str | Path, *, int8: bool = False, fp16: bool = False,
@@ -129,7 +129,8 @@ def add_metadata(model: onnx.ModelProto, meta: dict) -> None:
     props = {"size": prep["size"], "mean": prep["mean"], "std": prep["std"],
              "interpolation": prep.get("interpolation", "bicubic"), "resize": prep.get("resize", DEFAULT_RESIZE),
              "input": "float32 RGB in [0, 1], NCHW; normalization (mean/std) is inside the graph",
-             "outputs": "logits (N, classes); features (N, D): pooled penultimate features",
+             "outputs": "logits (N, classes); features (N, D [+ P]): pooled penultimate features [then the "
+                        "pooled output of the layers training left frozen]",
              "classes": meta["classes"], "temperature": meta.get("temperature") or 1.0,
              "backbone": meta["backbone"]}
     onnx.helper.set_model_props(model, {key: json.dumps(value) for key, value in props.items()})

@@ -21,6 +21,9 @@ class Network(nn.Module):
         backbone.drop_rate = 0.0
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        # `prefix(x, frozen_depth)` is what training never changed (the last `frozen_depth` stages trained):
+        # its pooled output joins the features the unknown-image scores read. None: pooled features only.
+        self.frozen_depth: int | None = None
 
     @property
     def num_stages(self) -> int:
@@ -37,6 +40,19 @@ class Network(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled penultimate features (what the head sees)."""
         return backbones.pooled_features(self.backbone, self.normalize(x))
+
+    def embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled features, [pooled features | pooled frozen-prefix output]) in one pass.
+
+        The second is what predictors return as "features": the unknown-image scores read both parts
+        (`ood.knn-frozen`), everything else the pooled part.
+        """
+        if self.frozen_depth is None:
+            features = self.features(x)
+            return features, features
+        h = self.prefix(x, self.frozen_depth)
+        features = backbones.tail_forward(self.backbone, h, self.frozen_depth, pre_logits=True)
+        return features, torch.cat([features, h.mean((2, 3))], 1)
 
     def prefix(self, x: torch.Tensor, depth: int) -> torch.Tensor:
         """Output of the layers that stay frozen when the last `depth` stages train."""

@@ -50,14 +50,15 @@ class HistoryWriter(L.Callback):
             writer.writerow(row)
 
 
-class CycleCachedViews(L.Callback):
-    """Epoch e trains on cached augmented view e % views (see train.features)."""
+class SetEpoch(L.Callback):
+    """Data that changes with the epoch follows Lightning's epoch counter, also in a resumed run:
+    the cached view trained on (view e % views, see train.features), ImageBatches' shuffle order."""
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    def __init__(self, data):
+        self.data = data
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self.dataset.set_epoch(trainer.current_epoch)
+        self.data.set_epoch(trainer.current_epoch)
 
 
 def read_history(path: Path) -> list[dict]:

@@ -183,13 +183,12 @@ def _write_views(network: Network, dataset: ImageDataset, depths: list[int], fol
             on_device = view > 0 and batch_augment is not None
             start = 0
             for images, _ in _view_batches(dataset, rows, view, on_device, batch_size, device, workers):
-                images = images.to(device, non_blocking=True)
+                images, n = images.to(device, non_blocking=True), len(images)
                 if on_device:
                     images = batch_augment(images, seeds=[view_seed(view, i) for i in rows[start:start + len(images)]])
                 if onnx_run is not None:
                     captured = {k: torch.from_numpy(v) for k, v in onnx_run(images).items()}
                 else:
-                    n = len(images)
                     images = pad_batch(images, batch_size)  # one input shape per process (GPU: see pad_batch)
                     with autocast:
                         captured = _capture(network, images.contiguous(memory_format=torch.channels_last), depths)
@@ -201,12 +200,14 @@ def _write_views(network: Network, dataset: ImageDataset, depths: list[int], fol
                             temporaries[name], mode="w+", dtype=np.float16,
                             shape=(views, len(rows), *tensor.shape[1:]))
                     writer.put(arrays[name], view * len(rows) + start, tensor)
-                start += len(images)
-                done += len(images)
+                start += n
+                done += n
                 if progress is not None:
                     progress(done, total)
-    finally:
-        writer.close()
+    except BaseException:
+        writer.abandon()  # the error that stopped the loop is the one to report
+        raise
+    writer.close()
     for name, array in arrays.items():
         rowio.flush(array)
         temporaries[name].replace(folder / f"{name}{suffix}.npy")
@@ -264,11 +265,17 @@ class _RowWriter:
         rowio.write_rows(array, start, host.numpy(), lead=2, sync=True)  # disk writes overlap the compute
 
     def close(self) -> None:
+        """Wait for every write; raise the first that failed."""
         try:
             while self.pending:
                 self.pending.popleft().result()
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def abandon(self) -> None:
+        """Stop after an error elsewhere: cancel the queued writes, keep their errors out of the way."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pending.clear()
 
 
 def view_seed(view: int, index: int) -> int:

@@ -28,14 +28,15 @@ from torch.utils.data import DataLoader
 from .. import bundle as bundles
 from .. import distributed
 from ..config import Config, StageConfig, config_from_dict, load_config, save_config
+from ..data.batches import ImageBatches
 from ..data.cache import ImageCache
 from ..data.datamodule import ActivationDataset, ImageDataModule, class_weights, collate_batched
 from ..data.split import manifest_hash, manifest_order, read_manifest, split_counts, split_records, write_manifest
 from ..errors import UserError
 from ..evaluate.report import report_after_training
-from ..models.backbones import create_backbone
+from ..models.backbones import create_backbone, feature_dim
 from ..models.network import Network
-from .callbacks import CycleCachedViews, HistoryWriter
+from .callbacks import HistoryWriter, SetEpoch
 from .features import POOLED, boundary_name, compute_activations
 from .loggers import make_loggers
 from .module import Optimization, PhaseModule
@@ -306,8 +307,10 @@ def _loaders(phase: Phase, datamodule: ImageDataModule, inputs: dict, config: Co
         batch = config.train.batch_size
         loaders = (DataLoader(train_set, batch_size=batch, shuffle=True, collate_fn=collate_batched),
                    DataLoader(val_set, batch_size=batch * 2, shuffle=False, collate_fn=collate_batched))
-        return loaders, ("features" if phase.depth is None else "prefix"), [CycleCachedViews(train_set)]
-    return (datamodule.train_dataloader(), datamodule.val_dataloader()), "images", []
+        return loaders, ("features" if phase.depth is None else "prefix"), [SetEpoch(train_set)]
+    train_loader = datamodule.train_dataloader()
+    extra = [SetEpoch(train_loader)] if isinstance(train_loader, ImageBatches) else []  # DataLoaders: Lightning
+    return (train_loader, datamodule.val_dataloader()), "images", extra
 
 
 def _fit_phase(network, phase: Phase, datamodule, inputs, config: Config, paths: RunPaths,
@@ -428,6 +431,7 @@ def _evaluate_and_bundle(network, datamodule, config, paths, classes, weight_sou
                           "input": "float32 RGB in [0, 1], NCHW (normalization is inside the model)"},
         "config": config.to_dict(), "manifest_sha1": manifest_hash(paths.manifest),
         "split_counts": split_counts(read_manifest(paths.manifest)), "phases": phase_log,
+        "embedding": _embedding(network, phase_log),
     }
     staging = paths.root / "model.staging"
     bundles.save_bundle(staging, network.state_dict(), meta, extra_files={"history.csv": paths.history})
@@ -458,6 +462,21 @@ def _evaluate_and_bundle(network, datamodule, config, paths, classes, weight_sou
     return metrics
 
 
+def _embedding(network, phase_log: list[dict]) -> dict:
+    """Which frozen prefix the bundle's features include: the input of the stages the best phase trained.
+
+    Its pooled output is ImageNet's, untouched by training: unknown images that fine-tuning pulls
+    towards the classes stay apart there (docs/benchmarks.md, "Unknown images").
+    """
+    best = next(entry["phase"] for entry in phase_log if entry.get("best"))
+    depth = 0 if best == "stage1" else None if best == "stage2-all" else int(best.rsplit("depth", 1)[1])
+    if depth is None:  # every layer trained: nothing is left untouched
+        return {}
+    with torch.inference_mode():
+        prefix_dim = network.cpu().eval().prefix(torch.zeros(1, 3, 64, 64), depth).shape[1]
+    return {"frozen_depth": depth, "pooled_dim": feature_dim(network.backbone), "prefix_dim": int(prefix_dim)}
+
+
 def _fit_unknown(predictor, datamodule, config, staging, temperature, val, unknown_dir) -> None:
     """Unknown-image statistics from a class-stratified train sample; the threshold from the val split."""
     from .. import ood
@@ -471,7 +490,7 @@ def _fit_unknown(predictor, datamodule, config, staging, temperature, val, unkno
     examples = ood.embed(predictor, [unknown_dir])[1:3] if unknown_dir else None
     section = ood.fit_and_attach(staging, temperature, (train_features, labels[chosen]),
                                  (*val, datamodule.labels("val")), config.unknown.target_tpr, config.unknown.score,
-                                 examples, seed=config.data.seed)
+                                 examples, seed=config.data.seed, pooled_dim=predictor.pooled_dim)
     console.print(f"unknown images: score '{section['score']}' ({section['selected_by']}), threshold "
                   f"{section['threshold']:.4f} keeps {section['val_tpr']:.1%} of validation images")
 
