@@ -124,8 +124,21 @@ def test_knn_frozen_round_trips_and_is_refused_without_prefix_features(detector,
                                rtol=1e-5, atol=1e-5)
     plain, (plain_logits, plain_features) = detector  # fitted on pooled features alone (older bundles)
     assert "knn-frozen" not in plain.available and plain.section["score"] == "knn"
-    with pytest.raises(ood.UserError, match="frozen-prefix features"):
-        ood.calibrate(plain, plain_logits, plain_features, 0.9, "knn-frozen")
+    section = ood.calibrate(plain, plain_logits, plain_features, 0.9, "knn-frozen")  # e.g. every layer trained
+    assert section["score"] == "knn" and "layers training left frozen" in section["selected_by"]
+    ood.calibrate(plain, plain_logits, plain_features, 0.9)  # back to the default for the other tests
+    with pytest.raises(ood.UserError, match="not a score"):
+        ood.calibrate(plain, plain_logits, plain_features, 0.9, "knn-typo")
+
+
+def test_knn_frozen_needs_enough_validation_images_to_standardize():
+    _, train_features, train_labels = with_prefix(clusters(50, seed=1), seed=1)
+    val_logits, val_features, val_labels = with_prefix(clusters(4, seed=2), seed=2)  # 16 validation images
+    found = ood.UnknownDetector.fit(train_features, train_labels, val_logits, val_features, val_labels,
+                                    bank_size=100, pooled_dim=32)
+    section = ood.calibrate(found, val_logits, val_features, 0.9)
+    assert found.standardize is None and section["score"] == "knn" and "validation images" in section["selected_by"]
+    assert found.score(val_logits, val_features).shape == (16,)  # the pooled part alone is read
 
 
 def test_stratified_sample_follows_the_class_mix():
@@ -262,3 +275,42 @@ def test_onnx_export_carries_the_frozen_prefix_features(tiny_bundle, tmp_path):
     assert onnx_features.shape == torch_features.shape == (6, 1280 + 80)
     np.testing.assert_allclose(onnx_run.unknown.score(onnx_logits, onnx_features),
                                torch_run.unknown.score(torch_logits, torch_features), rtol=1e-3, atol=1e-3)
+    from effitune.export.quantize import quantize_int8
+
+    result = quantize_int8(copy, held_out, images=12)  # INT8 reports whether unknown decisions survive it
+    assert 0 <= result["unknown_agreement"] <= 1 and Predictor(copy, backend="int8").run(images)[1].shape[1] == 1360
+
+
+def test_an_onnx_file_with_other_features_than_the_bundle_is_refused(tiny_bundle, tmp_path):
+    import shutil
+
+    from effitune.export import export_onnx
+
+    folder, held_out, _ = tiny_bundle
+    copy = shutil.copytree(folder, tmp_path / "model")
+    export_onnx(copy, samples=np.stack([Predictor(copy).preprocess(p) for p in images_in(held_out)[:4]]))
+    bundles.update_meta(copy, embedding={"frozen_depth": 2, "pooled_dim": 1280, "prefix_dim": 112})
+    with pytest.raises(ood.UserError, match="Export it again"):
+        Predictor(copy, backend="onnx")
+
+
+@pytest.mark.parametrize("best, depth", [("stage1", 0), ("stage2-depth2", 2), ("stage2-all", None)])
+def test_training_records_the_frozen_prefix_of_the_best_phase(best, depth):
+    from effitune.training.run import _embedding
+
+    backbone, _ = create_backbone("tf_efficientnet_lite0", 3, pretrained=False)
+    network = Network(backbone, (0.5,) * 3, (0.5,) * 3)
+    phases = [{"phase": name, "best": name == best} for name in ("stage1", "stage2-depth2", "stage2-all")]
+    embedding = _embedding(network, phases)
+    if depth is None:  # every layer trained: nothing untouched to compare with
+        assert embedding == {}
+        return
+    assert embedding["frozen_depth"] == depth
+    network.frozen_depth = depth
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        pooled, features = network.eval().embedding(images)
+        expected = network.features(images), network.prefix(images, depth).mean((2, 3))
+    assert features.shape[1] == embedding["pooled_dim"] + embedding["prefix_dim"]
+    torch.testing.assert_close(pooled, expected[0])  # the pooled part is what the head sees
+    torch.testing.assert_close(features, torch.cat(expected, 1))

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `features` may carry the frozen-prefix part (`embedding`) and knn-frozen
 META_FILE = "effitune.json"
 WEIGHTS_FILE = "weights.safetensors"
 

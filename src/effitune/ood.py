@@ -34,6 +34,7 @@ from .errors import UserError
 OOD_FILE = "ood.safetensors"
 BANK_SIZE = 2000  # training features kept for knn; Sun et al. (2022) lose little even at 1% of ImageNet
 REFERENCE_SIZE = 1000  # validation features kept as the drift reference (held out, unlike the bank)
+MIN_STANDARDIZE = 20  # validation images knn-frozen needs to standardize its two parts (fewer: knn)
 EXPLAINED_VARIANCE = 0.9  # share of the shared covariance kept as explicit eigen-directions; the rest is isotropic
 SCORES: dict[str, Callable[["UnknownDetector", np.ndarray, np.ndarray], np.ndarray]] = {}
 
@@ -123,14 +124,15 @@ class UnknownDetector:
                        np.asarray(val_logits).argmax(axis=1)[chosen], {}, width)
         if prefix.shape[1]:
             detector.prefix_bank = _as_stored(l2_normalize(prefix[keep]))
-            detector.standardize = {name: _median_and_spread(values)
-                                    for name, values in detector._knn_parts(val_features).items()}
+            if len(val_features) >= MIN_STANDARDIZE:
+                detector.standardize = {name: _median_and_spread(values)
+                                        for name, values in detector._knn_parts(val_features).items()}
         return detector
 
     @property
     def available(self) -> list[str]:
         """The scores this detector can compute (knn-frozen needs the frozen-prefix features)."""
-        return [name for name in SCORES if name != "knn-frozen" or self.prefix_bank is not None]
+        return [name for name in SCORES if name != "knn-frozen" or self.standardize is not None]
 
     def pooled(self, features: np.ndarray) -> np.ndarray:
         """The pooled-feature columns of `features`."""
@@ -176,6 +178,7 @@ class UnknownDetector:
             metadata["pooled_dim"] = str(self.pooled_dim)
         if self.prefix_bank is not None:
             tensors["prefix_bank"] = self.prefix_bank.astype(np.float16)
+        if self.standardize is not None:
             metadata["standardize"] = json.dumps(self.standardize)
         # safetensors.numpy writes a transposed view's memory in the wrong order: make every array contiguous
         save_file({name: np.ascontiguousarray(array) for name, array in tensors.items()},
@@ -206,7 +209,7 @@ def _as_stored(features: np.ndarray) -> np.ndarray:
 def _median_and_spread(scores: np.ndarray) -> list[float]:
     """Median and interquartile range (floored: a constant score must not divide by zero)."""
     low, median, high = np.percentile(np.asarray(scores, np.float64), [25, 50, 75])
-    return [float(median), float(max(high - low, 1e-6))]
+    return [float(median), float(max(high - low, 1e-3 * max(abs(median), 1.0)))]
 
 
 def _shared_covariance(centered: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -303,18 +306,19 @@ def calibrate(detector: UnknownDetector, val_logits: np.ndarray, val_features: n
     energy on OpenOOD v1.5's far-OOD sets), unless unknown example images were given: then the score
     with the best AUROC against them (ties keep the earlier score).
     """
-    if score != "auto" and score not in detector.available:
-        raise UserError(f"unknown.score '{score}' is not a score of this bundle (knn-frozen needs the frozen-prefix "
-                        f"features that bundles made before them lack); use auto or one of "
-                        f"{', '.join(detector.available)}.")
+    if score != "auto" and score not in SCORES:
+        raise UserError(f"unknown.score '{score}' is not a score; use auto or one of {', '.join(SCORES)}.")
     if not len(val_logits):
         raise UserError("Unknown-image calibration needs validation images; the val split is empty.")
     val = detector.scores(val_logits, val_features)
     thresholds = {name: threshold_for(values, target_tpr) for name, values in val.items()}
     section = {"target_tpr": float(target_tpr), "thresholds": thresholds, "k": detector.k,
                "bank_size": len(detector.bank), "n_val": int(len(val_logits))}
-    default = "knn-frozen" if "knn-frozen" in detector.available else "knn"
+    default = "knn-frozen" if detector.prefix_bank is not None else "knn"
     chosen, how = (score, "configured") if score != "auto" else (default, "default (no unknown examples given)")
+    if chosen not in detector.available:  # knn-frozen without frozen layers (all trained, older bundle, tiny val)
+        chosen, how = "knn", (f"knn: {score} needs pooled features of layers training left frozen and at least "
+                              f"{MIN_STANDARDIZE} validation images; this model has not both")
     if unknown is not None and len(unknown[0]):
         examples = detector.scores(*unknown)
         aurocs = {name: ood_metrics(val[name], examples[name])["auroc"] for name in detector.available}
@@ -387,7 +391,14 @@ def fit_and_attach(folder: str | Path, temperature: float, train: tuple[np.ndarr
                    val: tuple[np.ndarray, np.ndarray, np.ndarray], target_tpr: float = 0.95, score: str = "auto",
                    unknown: tuple[np.ndarray, np.ndarray] | None = None, seed: int = 0,
                    bank_size: int = BANK_SIZE, pooled_dim: int | None = None) -> dict:
-    """train = (features, labels), val = (logits, features, labels), unknown = (logits, features) examples."""
+    """train = (features, labels), val = (logits, features, labels), unknown = (logits, features) examples.
+
+    `pooled_dim`: pooled columns of the features (default: the bundle's `embedding`, else all).
+    """
+    if pooled_dim is None:
+        from .bundle import read_meta
+
+        pooled_dim = read_meta(folder).get("embedding", {}).get("pooled_dim")
     detector = UnknownDetector.fit(train[0], train[1], *val, temperature, bank_size, seed, pooled_dim)
     calibrate(detector, val[0], val[1], target_tpr, score, unknown)
     return attach(folder, detector)["unknown"]

@@ -88,6 +88,8 @@ class OnnxEngine:
         self.name = next((b for b, f in ONNX_FILES.items() if f == self.path.name), "onnx")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
+        shape = next((o.shape for o in self.session.get_outputs() if o.name == "features"), None)
+        self.feature_width = shape[-1] if shape and isinstance(shape[-1], int) else None
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, H, W, 3) -> (logits (N, classes), features (N, D [+ P])), float32."""
@@ -162,7 +164,19 @@ class Predictor:
         self.backend = choose_backend(self.folder, backend, device)
         self.engine = TorchEngine(self.network, device) if self.backend == "torch" \
             else OnnxEngine(self.folder / ONNX_FILES[self.backend])
+        self._check_feature_width()
         self.unknown = load_detector(self.folder, self.meta)  # None: the bundle has no unknown-image statistics
+
+    def _check_feature_width(self) -> None:
+        """An ONNX file must give the features this bundle's statistics were fitted on."""
+        embedding = self.meta.get("embedding") or {}
+        width = getattr(self.engine, "feature_width", None)
+        expected = embedding["pooled_dim"] + embedding["prefix_dim"] if embedding else None
+        if width is not None and expected is not None and width != expected:
+            path = self.folder / ONNX_FILES[self.backend]
+            raise UserError(f"{path} gives {width} feature columns, but this bundle's metadata says {expected}: "
+                            f"it was exported from another model or an older effitune. Export it again: "
+                            f"`effitune export {self.folder}`.")
 
     @functools.cached_property
     def network(self) -> Network:
@@ -178,7 +192,10 @@ class Predictor:
         return load_for_model(source, self.size)
 
     def run(self, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 images (N, size, size, 3) -> (logits, pooled features), in batches."""
+        """uint8 images (N, size, size, 3) -> (logits, features), in batches.
+
+        features: the pooled features, then (bundles with an `embedding`) the pooled output of the
+        layers training left frozen; `features[:, :self.pooled_dim]` is the pooled part."""
         if not len(images):
             return np.zeros((0, len(self.classes)), np.float32), np.zeros((0, 0), np.float32)
         return run_in_batches(self.engine, images, batch_size)

@@ -73,6 +73,13 @@ def test_sampler_draws_the_indices(dataset):
     batches = list(ImageBatches(dataset, 2, sampler=sampler, pin=False))
     assert len(batches) == 3
     assert all(torch.equal(image, gathered(dataset, [10])[0]) for images, _ in batches for image in images)
+    uniform = torch.utils.data.WeightedRandomSampler(np.ones(11), num_samples=11, generator=torch.Generator())
+    loader = ImageBatches(dataset, 4, sampler=uniform, pin=False)
+    first = loader.order().tolist()
+    loader.set_epoch(1)
+    second = loader.order().tolist()
+    loader.set_epoch(0)
+    assert loader.order().tolist() == first != second  # the draws of an epoch, whatever was drawn before
 
 
 def test_refuses_a_per_sample_transform(dataset):
@@ -166,9 +173,21 @@ def test_phase_module_pads_partial_batches_to_the_first_full_shape():
     assert shapes == [4, 3]  # batch statistics would see the padding: not padded
 
 
-def test_a_stopped_epoch_leaves_no_reads_behind(dataset):
-    loader = ImageBatches(dataset, 2, threads=2, prefetch=3, pin=False)
+def test_a_stopped_epoch_leaves_no_reads_behind(dataset, monkeypatch):
+    import time
+
+    reads = []
+    original = ImageBatches._read
+
+    def slow_read(self, indices):
+        reads.append(len(indices))
+        time.sleep(0.05)
+        return original(self, indices)
+    monkeypatch.setattr(ImageBatches, "_read", slow_read)
+    loader = ImageBatches(dataset, 1, threads=1, prefetch=6, pin=False)
     batches = iter(loader)
     next(batches)
-    batches.close()  # what happens when training stops mid-epoch: the finally block shuts the pool down
+    batches.close()  # training stopped mid-epoch: queued reads are cancelled, not run to the end
+    assert len(reads) <= 3  # the first, and at most the one or two already started
+    monkeypatch.setattr(ImageBatches, "_read", original)
     assert sum(len(labels) for _, labels in loader) == 11  # and the loader still serves whole epochs

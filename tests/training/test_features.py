@@ -96,3 +96,29 @@ def test_a_failed_write_is_raised_and_an_earlier_error_is_not_hidden(tmp_path, m
     writer = features._RowWriter()
     writer.put(array, 0, torch.zeros(2, 2))
     writer.abandon()  # after another error: the failed write stays out of the way
+    assert not writer.pending
+
+
+def test_a_failed_caching_pass_raises_and_leaves_no_partial_files(tmp_path, monkeypatch):
+    from effitune.data import rowio
+
+    rng = np.random.default_rng(2)
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(paths[-1])
+    cache = ImageCache(tmp_path / "cache", 32)
+    keys = cache.build(paths, workers=1)
+    backbone, _ = create_backbone("tf_efficientnet_lite0", 3, pretrained=False)
+    network = Network(backbone, (0.5,) * 3, (0.5,) * 3).eval()
+    original = rowio.write_rows
+
+    def fails_on_the_second_file(array, *args, **kwargs):
+        if "depth1" in str(getattr(array, "filename", "")):
+            raise OSError("No space left on device")
+        return original(array, *args, **kwargs)
+    monkeypatch.setattr(rowio, "write_rows", fails_on_the_second_file)
+    with pytest.raises(OSError, match="No space"):
+        compute_activations(network, ImageDataset(cache, keys, np.zeros(3, dtype=np.int64)), [1],
+                            tmp_path / "features", batch_size=2, engine="torch")
+    assert not list((tmp_path / "features").glob("*.npy")) and not (tmp_path / "features" / "activations.json").exists()

@@ -58,6 +58,9 @@ class ImageBatches:
     def order(self) -> np.ndarray:
         """This rank's indices for the current epoch."""
         if self.draws is not None:
+            generator = getattr(self.draws, "generator", None)
+            if generator is not None:  # the draws of epoch e, whatever ran before (a resumed run)
+                generator.manual_seed(self.seed * 1_000_003 + self.epoch)
             drawn = np.fromiter(iter(self.draws), dtype=np.int64)
         elif self.shuffle:
             drawn = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.dataset))

@@ -132,6 +132,7 @@ def add_metadata(model: onnx.ModelProto, meta: dict) -> None:
              "outputs": "logits (N, classes); features (N, D [+ P]): pooled penultimate features [then the "
                         "pooled output of the layers training left frozen]",
              "classes": meta["classes"], "temperature": meta.get("temperature") or 1.0,
+             "embedding": meta.get("embedding") or {},
              "backbone": meta["backbone"]}
     onnx.helper.set_model_props(model, {key: json.dumps(value) for key, value in props.items()})
     model.producer_name, model.producer_version = "effitune", __version__

@@ -23,6 +23,7 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 
 from ..bundle import read_meta
 from ..errors import UserError
+from ..ood import load_detector
 from ..predict import OnnxEngine, run_in_batches, to_model_input
 from . import ONNX_FILES
 from .onnx import INPUT, as_images, manifest_images, record_export
@@ -115,13 +116,18 @@ def compare(bundle: Path, meta: dict, fp32: OnnxEngine, int8: OnnxEngine, fallba
     """Test accuracy of fp32 ONNX vs INT8 on the same images (top-1 agreement only without labels)."""
     found = manifest_images(bundle, meta, "test", ACCURACY_IMAGES)
     images = found[0] if found is not None else fallback
-    logits_fp32, logits_int8 = run_in_batches(fp32, images, 32)[0], run_in_batches(int8, images, 32)[0]
-    agreement = float((logits_fp32.argmax(1) == logits_int8.argmax(1)).mean())
+    out_fp32, out_int8 = run_in_batches(fp32, images, 32), run_in_batches(int8, images, 32)
+    logits_fp32, logits_int8 = out_fp32[0], out_int8[0]
+    agreement = {"top1_agreement": float((logits_fp32.argmax(1) == logits_int8.argmax(1)).mean())}
+    detector = load_detector(bundle, meta)
+    if detector is not None and len(images):  # the threshold was fitted on fp32 features: same decisions?
+        decisions = [detector.is_unknown(detector.score(*out)) for out in (out_fp32, out_int8)]
+        agreement["unknown_agreement"] = float((decisions[0] == decisions[1]).mean())
     if found is None:
-        return {"accuracy": None, "top1_agreement": agreement, "agreement_images": "calibration images"}
+        return {"accuracy": None, **agreement, "agreement_images": "calibration images"}
     labels = found[1]
     accuracy_fp32 = float((logits_fp32.argmax(1) == labels).mean())
     accuracy_int8 = float((logits_int8.argmax(1) == labels).mean())
     return {"accuracy": accuracy_int8, "onnx_accuracy": accuracy_fp32,
             "drop_points": round(100 * (accuracy_fp32 - accuracy_int8), 2), "accuracy_images": len(labels),
-            "top1_agreement": agreement, "agreement_images": "test split (manifest.csv)"}
+            **agreement, "agreement_images": "test split (manifest.csv)"}

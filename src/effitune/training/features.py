@@ -204,10 +204,12 @@ def _write_views(network: Network, dataset: ImageDataset, depths: list[int], fol
                 done += n
                 if progress is not None:
                     progress(done, total)
+        writer.close()  # raises a failed write: cleaned up below like any other error
     except BaseException:
         writer.abandon()  # the error that stopped the loop is the one to report
+        for temporary in temporaries.values():
+            temporary.unlink(missing_ok=True)
         raise
-    writer.close()
     for name, array in arrays.items():
         rowio.flush(array)
         temporaries[name].replace(folder / f"{name}{suffix}.npy")
