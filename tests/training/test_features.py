@@ -12,16 +12,20 @@ from effitune.models.network import Network
 from effitune.training.features import compute_activations
 
 
+def cached_images(folder, n: int, size: int, seed: int, shape=(40, 40)) -> tuple[ImageCache, list[str]]:
+    """`n` random PNGs in `folder`, in a resize-once cache at `size`: (cache, keys)."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        paths.append(str(folder / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 255, (*shape, 3), dtype=np.uint8)).save(paths[-1])
+    cache = ImageCache(folder / "cache", size)
+    return cache, cache.build(paths, workers=1)
+
+
 @pytest.mark.parametrize("engine", ["auto", "torch"])  # auto = ONNX Runtime on the CPU
 def test_cached_activations_match_live_forward(tmp_path, engine):
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(5):
-        path = tmp_path / f"{i}.png"
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path)
-        paths.append(str(path))
-    cache = ImageCache(tmp_path / "cache", 64)
-    keys = cache.build(paths, workers=1)
+    cache, keys = cached_images(tmp_path, 5, 64, seed=0)
     torch.manual_seed(0)
     backbone, _ = create_backbone("tf_efficientnet_lite0", 3, pretrained=False)
     network = Network(backbone, (0.5,) * 3, (0.5,) * 3).eval()
@@ -55,13 +59,7 @@ def test_views_augmented_on_the_device_do_not_depend_on_batches_or_threads(tmp_p
     """The GPU path (images from ImageBatches, BatchAugment per batch with per-image seeds), run on the CPU."""
     from effitune.data.transforms import BatchAugment
 
-    rng = np.random.default_rng(1)
-    paths = []
-    for i in range(7):
-        paths.append(str(tmp_path / f"{i}.png"))
-        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(paths[-1])
-    cache = ImageCache(tmp_path / "cache", 32)
-    keys = cache.build(paths, workers=1)
+    cache, keys = cached_images(tmp_path, 7, 32, seed=1, shape=(40, 50))
     torch.manual_seed(0)
     backbone, _ = create_backbone("tf_efficientnet_lite0", 3, pretrained=False)
     network = Network(backbone, (0.5,) * 3, (0.5,) * 3).eval()
@@ -102,13 +100,7 @@ def test_a_failed_write_is_raised_and_an_earlier_error_is_not_hidden(tmp_path, m
 def test_a_failed_caching_pass_raises_and_leaves_no_partial_files(tmp_path, monkeypatch):
     from effitune.data import rowio
 
-    rng = np.random.default_rng(2)
-    paths = []
-    for i in range(3):
-        paths.append(str(tmp_path / f"{i}.png"))
-        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(paths[-1])
-    cache = ImageCache(tmp_path / "cache", 32)
-    keys = cache.build(paths, workers=1)
+    cache, keys = cached_images(tmp_path, 3, 32, seed=2, shape=(20, 20))
     backbone, _ = create_backbone("tf_efficientnet_lite0", 3, pretrained=False)
     network = Network(backbone, (0.5,) * 3, (0.5,) * 3).eval()
     original = rowio.write_rows
