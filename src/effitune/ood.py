@@ -164,6 +164,14 @@ class UnknownDetector:
     def score(self, logits: np.ndarray, features: np.ndarray) -> np.ndarray:
         return self.scores(logits, features, [self.score_name])[self.score_name]
 
+    def use_backend(self, backend: str) -> "UnknownDetector":
+        """Thresholds fitted for this engine's features (INT8 export), where the bundle has them."""
+        fitted = self.section.get("backend_thresholds", {}).get(backend)
+        if fitted:
+            self.section = {**self.section, "thresholds": fitted, "threshold": fitted[self.score_name],
+                            "threshold_backend": backend}
+        return self
+
     def is_unknown(self, scores: np.ndarray) -> np.ndarray:
         return np.asarray(scores) < self.section["threshold"]
 

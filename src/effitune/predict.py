@@ -166,6 +166,8 @@ class Predictor:
             else OnnxEngine(self.folder / ONNX_FILES[self.backend])
         self._check_feature_width()
         self.unknown = load_detector(self.folder, self.meta)  # None: the bundle has no unknown-image statistics
+        if self.unknown is not None:
+            self.unknown.use_backend(self.backend)
 
     def _check_feature_width(self) -> None:
         """An ONNX file must give the features this bundle's statistics were fitted on."""

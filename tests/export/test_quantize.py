@@ -51,3 +51,22 @@ def test_without_manifest_calibration_folder_is_required(exported_run, tmp_path)
     result = quantize_int8(lone, exported_run.parent / "data" / "red", images=8)
     assert result["calibration"]["images"] == 8 and result["accuracy"] is None  # no labelled test split
     assert 0 <= result["top1_agreement"] <= 1 and (lone / "model.int8.onnx").is_file()
+
+
+def test_int8_gets_unknown_thresholds_of_its_own(exported_run, tmp_path):
+    """INT8 features sit a little apart from the fp32 bank: the thresholds are fitted again on its outputs."""
+    from effitune import ood
+    from effitune.export.onnx import manifest_images
+
+    bundle = copy_run(exported_run, tmp_path / "run", keep=("model.onnx",))
+    ood.calibrate_bundle(bundle, bundle.parent / "manifest.csv")
+    result = quantize_int8(bundle)
+    meta = bundles.read_meta(bundle)
+    section, fitted = meta["unknown"], meta["unknown"]["backend_thresholds"]["int8"]
+    assert set(fitted) == set(section["thresholds"]) and 0 <= result["unknown_agreement"] <= 1
+    int8, fp32 = Predictor(bundle, backend="int8"), Predictor(bundle, backend="onnx")
+    assert int8.unknown.section["threshold"] == fitted[section["score"]]
+    assert fp32.unknown.section["threshold"] == section["threshold"] and "threshold_backend" not in fp32.unknown.section
+    val_images = manifest_images(bundle, meta, "val", None)[0]
+    kept = ~int8.unknown.is_unknown(int8.unknown.score(*int8.run(val_images)))
+    assert kept.mean() >= section["target_tpr"]  # the INT8 graph keeps the target share of validation images
