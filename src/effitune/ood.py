@@ -167,7 +167,7 @@ class UnknownDetector:
     def use_backend(self, backend: str) -> "UnknownDetector":
         """Thresholds fitted for this engine's features (INT8 export), where the bundle has them."""
         fitted = self.section.get("backend_thresholds", {}).get(backend)
-        if fitted:
+        if fitted and self.score_name in fitted:
             self.section = {**self.section, "thresholds": fitted, "threshold": fitted[self.score_name],
                             "threshold_backend": backend}
         return self
@@ -325,7 +325,7 @@ def calibrate(detector: UnknownDetector, val_logits: np.ndarray, val_features: n
     default = "knn-frozen" if detector.prefix_bank is not None else "knn"
     chosen, how = (score, "configured") if score != "auto" else (default, "default (no unknown examples given)")
     if chosen not in detector.available:  # knn-frozen without frozen layers (all trained, older bundle, tiny val)
-        chosen, how = "knn", (f"knn: {score} needs pooled features of layers training left frozen and at least "
+        chosen, how = "knn", (f"knn: knn-frozen needs pooled features of layers training left frozen and at least "
                               f"{MIN_STANDARDIZE} validation images; this model has not both")
     if unknown is not None and len(unknown[0]):
         examples = detector.scores(*unknown)
@@ -428,8 +428,26 @@ def calibrate_bundle(bundle: str | Path, manifest: str | Path, unknown_dir: str 
     read, val_logits, val_features, _ = embed(predictor, [r["path"] for r in rows if r["split"] == "val"])
     val = (val_logits, val_features, np.array([label_of[p] for p in read]))
     examples = embed(predictor, [unknown_dir])[1:3] if unknown_dir else None
-    return fit_and_attach(bundle, predictor.temperature, (train_features, train_labels), val, target_tpr, score,
-                          examples, bank_size=bank_size, pooled_dim=predictor.pooled_dim)
+    section = fit_and_attach(bundle, predictor.temperature, (train_features, train_labels), val, target_tpr, score,
+                             examples, bank_size=bank_size, pooled_dim=predictor.pooled_dim)
+    return _refit_int8_thresholds(bundle, section)
+
+
+def _refit_int8_thresholds(bundle: str | Path, section: dict) -> dict:
+    """New statistics invalidate INT8's own thresholds: fit them again where the bundle has an INT8 graph."""
+    from .bundle import read_meta, update_meta
+    from .export import ONNX_FILES
+    from .export.quantize import unknown_thresholds
+    from .predict import OnnxEngine
+
+    graph = Path(bundle) / ONNX_FILES["int8"]
+    if not graph.is_file():
+        return section
+    thresholds = unknown_thresholds(Path(bundle), read_meta(bundle), OnnxEngine(graph))
+    if thresholds:
+        section = {**section, "backend_thresholds": {"int8": thresholds}}
+        update_meta(bundle, unknown=section)
+    return section
 
 
 # --- evaluation on known and unknown images -------------------------------------------------------

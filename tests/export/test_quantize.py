@@ -70,3 +70,21 @@ def test_int8_gets_unknown_thresholds_of_its_own(exported_run, tmp_path):
     val_images = manifest_images(bundle, meta, "val", None)[0]
     kept = ~int8.unknown.is_unknown(int8.unknown.score(*int8.run(val_images)))
     assert kept.mean() >= section["target_tpr"]  # the INT8 graph keeps the target share of validation images
+
+
+def test_int8_thresholds_follow_the_graph_and_the_statistics(exported_run, tmp_path):
+    from effitune import ood
+
+    bundle = copy_run(exported_run, tmp_path / "run", keep=("model.onnx",))
+    manifest = bundle.parent / "manifest.csv"
+    ood.calibrate_bundle(bundle, manifest)
+    quantize_int8(bundle)
+    first = bundles.read_meta(bundle)["unknown"]["backend_thresholds"]["int8"]
+    ood.calibrate_bundle(bundle, manifest, target_tpr=0.8)  # new statistics: INT8's thresholds fitted again
+    section = bundles.read_meta(bundle)["unknown"]
+    assert section["target_tpr"] == 0.8 and section["backend_thresholds"]["int8"] != first
+    lone = shutil.copytree(bundle, tmp_path / "lone")  # no manifest.csv beside it: no validation images
+    with pytest.warns(UserWarning, match="fp32 unknown-image thresholds"):
+        quantize_int8(lone, exported_run.parent / "data" / "red", images=8)
+    assert "int8" not in bundles.read_meta(lone)["unknown"].get("backend_thresholds", {})  # not the old graph's
+    assert Predictor(lone, backend="int8").unknown.section["threshold"] == section["threshold"]

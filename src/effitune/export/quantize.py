@@ -64,10 +64,10 @@ def quantize_int8(bundle: str | Path, calibration: str | Path | None = None, *, 
                              "matters")
         warnings.warn(result["warning"], stacklevel=2)
     record_export(bundle, int8=result)
-    if thresholds:
-        section = read_meta(bundle)["unknown"]
-        update_meta(bundle, unknown={**section, "backend_thresholds": {**section.get("backend_thresholds", {}),
-                                                                       "int8": thresholds}})
+    section = read_meta(bundle).get("unknown")
+    if section is not None:  # this graph's thresholds, or none (an earlier graph's would no longer fit)
+        fitted = {**section.get("backend_thresholds", {}), "int8": thresholds}
+        update_meta(bundle, unknown={**section, "backend_thresholds": {k: v for k, v in fitted.items() if v}})
     return result
 
 

@@ -204,7 +204,10 @@ def create_app(bundle: str | Path | Predictor, *, api_key: str | None = None, ma
 
     @app.get("/model", dependencies=[Depends(require_key)])
     async def model() -> dict:
-        return {"name": name, **public_meta(meta)}
+        described = {"name": name, **public_meta(meta)}
+        if predictor.unknown is not None:  # the thresholds this server decides with (INT8 has its own)
+            described["unknown"] = _without_paths(predictor.unknown.section)
+        return described
 
     @app.post("/predict", dependencies=[Depends(require_key)], responses={
         401: {"description": "API key missing or wrong"}, 413: {"description": "Body, image count or pixels too large"},
