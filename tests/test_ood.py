@@ -315,3 +315,25 @@ def test_training_records_the_frozen_prefix_of_the_best_phase(best, depth):
     assert features.shape[1] == embedding["pooled_dim"] + embedding["prefix_dim"]
     torch.testing.assert_close(pooled, expected[0])  # the pooled part is what the head sees
     torch.testing.assert_close(features, torch.cat(expected, 1))
+
+
+def test_training_fits_knn_frozen_and_it_rejects_noise(tmp_path):
+    """The default path end to end: train() records the frozen prefix, fits knn-frozen, predict rejects noise."""
+    import effitune
+
+    data = make_colour_dataset(tmp_path / "data", per_class=50, size=(40, 40))
+    config = effitune.load_config(overrides={"data.image_size": 32, "train.unfreeze": "1", "train.batch_size": 16,
+                                             "train.stage1.epochs": 2, "train.stage2.epochs": 2})
+    result = effitune.train(data, out=tmp_path / "run", config=config, progress=False,
+                            cache_root=tmp_path / "cache")
+    meta = bundles.read_meta(result.bundle)
+    assert meta["unknown"]["n_val"] >= ood.MIN_STANDARDIZE and meta["unknown"]["score"] == "knn-frozen"
+    depth = 1 if next(p["phase"] for p in meta["phases"] if p["best"]) == "stage2-depth1" else 0
+    assert meta["embedding"]["frozen_depth"] == depth
+    noise = tmp_path / "noise"
+    noise.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(noise / f"{i}.png")
+    report = ood.evaluate(Predictor(result.bundle), tmp_path / "run" / "manifest.csv", [noise])
+    assert report["score_used"] == "knn-frozen" and report["scores"]["knn-frozen"]["auroc"] > 0.9
