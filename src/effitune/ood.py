@@ -152,8 +152,9 @@ class UnknownDetector:
         """{score name: (N,) scores} for the named scores (default: all)."""
         unavailable = [name for name in (names or []) if name not in self.available]
         if unavailable:
-            raise UserError(f"unknown-image score '{unavailable[0]}' needs frozen-prefix features this bundle does "
-                            f"not have (made before they existed); use one of {', '.join(self.available)}.")
+            raise UserError(f"unknown-image score '{unavailable[0]}' needs frozen-prefix features and at least "
+                            f"{MIN_STANDARDIZE} validation images, which this bundle's statistics lack; use one of "
+                            f"{', '.join(self.available)}.")
         return {name: SCORES[name](self, np.asarray(logits, np.float32), np.asarray(features, np.float32))
                 for name in (names or self.available)}
 
