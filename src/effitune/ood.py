@@ -297,6 +297,11 @@ def threshold_for(scores: np.ndarray, target_tpr: float) -> float:
     return float(ordered[min(len(ordered) - 1, int(np.floor((1 - target_tpr) * len(ordered))))])
 
 
+def thresholds_for(scores: dict[str, np.ndarray], target_tpr: float) -> dict[str, float]:
+    """`threshold_for` each score of `detector.scores`."""
+    return {name: threshold_for(values, target_tpr) for name, values in scores.items()}
+
+
 def ood_metrics(known: np.ndarray, unknown: np.ndarray) -> dict:
     """AUROC (known = positive, higher score = known) and the FPR on unknowns at 95% TPR on knowns."""
     from sklearn.metrics import roc_auc_score, roc_curve
@@ -320,7 +325,7 @@ def calibrate(detector: UnknownDetector, val_logits: np.ndarray, val_features: n
     if not len(val_logits):
         raise UserError("Unknown-image calibration needs validation images; the val split is empty.")
     val = detector.scores(val_logits, val_features)
-    thresholds = {name: threshold_for(values, target_tpr) for name, values in val.items()}
+    thresholds = thresholds_for(val, target_tpr)
     section = {"target_tpr": float(target_tpr), "thresholds": thresholds, "k": detector.k,
                "bank_size": len(detector.bank), "n_val": int(len(val_logits))}
     default = "knn-frozen" if detector.prefix_bank is not None else "knn"
@@ -431,24 +436,9 @@ def calibrate_bundle(bundle: str | Path, manifest: str | Path, unknown_dir: str 
     examples = embed(predictor, [unknown_dir])[1:3] if unknown_dir else None
     section = fit_and_attach(bundle, predictor.temperature, (train_features, train_labels), val, target_tpr, score,
                              examples, bank_size=bank_size, pooled_dim=predictor.pooled_dim)
-    return _refit_int8_thresholds(bundle, section)
+    from .export.quantize import refit_int8_thresholds  # new statistics: an INT8 graph's own thresholds too
 
-
-def _refit_int8_thresholds(bundle: str | Path, section: dict) -> dict:
-    """New statistics invalidate INT8's own thresholds: fit them again where the bundle has an INT8 graph."""
-    from .bundle import read_meta, update_meta
-    from .export import ONNX_FILES
-    from .export.quantize import unknown_thresholds
-    from .predict import OnnxEngine
-
-    graph = Path(bundle) / ONNX_FILES["int8"]
-    if not graph.is_file():
-        return section
-    thresholds = unknown_thresholds(Path(bundle), read_meta(bundle), OnnxEngine(graph))
-    if thresholds:
-        section = {**section, "backend_thresholds": {"int8": thresholds}}
-        update_meta(bundle, unknown=section)
-    return section
+    return refit_int8_thresholds(bundle) or section
 
 
 # --- evaluation on known and unknown images -------------------------------------------------------

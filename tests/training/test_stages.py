@@ -106,3 +106,8 @@ def test_lightning_fit_trains_in_the_phase_modes_whatever_mode_the_network_was_l
     assert seen == [(True, {False}, frozen_stem_training)] * 4  # both epochs: the second runs after validation
     after = bn_stats(network)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("depth", [None, 1, 3, -1])
+def test_a_phase_name_reads_back_as_the_phase(depth):
+    assert Phase.from_name(Phase(depth).name) == Phase(depth)

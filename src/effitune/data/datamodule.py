@@ -143,7 +143,7 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(self, part: str, shuffle: bool, sampler=None) -> DataLoader | ImageBatches:
         if self.device_augment:  # images as cached, augmented on the GPU: threads read into pinned memory
             return ImageBatches(self.dataset(part), self.batch_size, shuffle=shuffle, seed=self.seed, sampler=sampler,
-                                threads=max(1, self.workers))
+                                threads=self.workers)
         return DataLoader(self.dataset(part), batch_size=self.batch_size, shuffle=shuffle and sampler is None,
                           sampler=sampler, num_workers=self.workers, pin_memory=torch.cuda.is_available(),
                           persistent_workers=self.workers > 0, drop_last=False, collate_fn=collate_batched,

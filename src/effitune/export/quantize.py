@@ -23,7 +23,7 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 
 from ..bundle import read_meta, update_meta
 from ..errors import UserError
-from ..ood import load_detector, threshold_for
+from ..ood import load_detector, thresholds_for
 from ..predict import OnnxEngine, run_in_batches, to_model_input
 from . import ONNX_FILES
 from .onnx import INPUT, as_images, manifest_images, record_export
@@ -48,10 +48,12 @@ def quantize_int8(bundle: str | Path, calibration: str | Path | None = None, *, 
                         "export comes first and is what gets quantized).")
     calibration_set, described = calibration_images(bundle, meta, calibration, images)
     temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    detector = load_detector(bundle, meta)
     try:
         settings = quantize_file(source, temporary, calibration_set, per_channel, keep_stem_float)
-        thresholds = unknown_thresholds(bundle, meta, OnnxEngine(temporary))
-        accuracy = compare(bundle, meta, OnnxEngine(source), OnnxEngine(temporary), calibration_set, thresholds)
+        thresholds = unknown_thresholds(bundle, meta, detector, OnnxEngine(temporary))
+        accuracy = compare(bundle, meta, OnnxEngine(source), OnnxEngine(temporary), calibration_set, detector,
+                           thresholds)
         temporary.replace(target)
     finally:
         temporary.unlink(missing_ok=True)
@@ -63,15 +65,33 @@ def quantize_int8(bundle: str | Path, calibration: str | Path | None = None, *, 
                              f"{100 / accuracy['accuracy_images']:.2f} points); prefer model.onnx where accuracy "
                              "matters")
         warnings.warn(result["warning"], stacklevel=2)
-    record_export(bundle, int8=result)
-    section = read_meta(bundle).get("unknown")
-    if section is not None:  # this graph's thresholds, or none (an earlier graph's would no longer fit)
-        fitted = {**section.get("backend_thresholds", {}), "int8": thresholds}
-        update_meta(bundle, unknown={**section, "backend_thresholds": {k: v for k, v in fitted.items() if v}})
+    store_int8_thresholds(bundle, record_export(bundle, int8=result), thresholds)
     return result
 
 
-def unknown_thresholds(bundle: Path, meta: dict, engine: OnnxEngine, limit: int = 5000) -> dict | None:
+def refit_int8_thresholds(bundle: str | Path) -> dict | None:
+    """After new unknown-image statistics: the INT8 graph's thresholds fitted again (the new `unknown`
+    section), or None when the bundle has no INT8 graph."""
+    bundle = Path(bundle)
+    graph = bundle / ONNX_FILES["int8"]
+    if not graph.is_file():
+        return None
+    meta = read_meta(bundle)
+    thresholds = unknown_thresholds(bundle, meta, load_detector(bundle, meta), OnnxEngine(graph))
+    return store_int8_thresholds(bundle, meta, thresholds)
+
+
+def store_int8_thresholds(bundle: Path, meta: dict, thresholds: dict | None) -> dict | None:
+    """Record the INT8 graph's thresholds, or none (an earlier graph's would no longer fit); the section."""
+    section = meta.get("unknown")
+    if section is None:
+        return None
+    fitted = {**section.get("backend_thresholds", {}), "int8": thresholds}
+    section = {**section, "backend_thresholds": {k: v for k, v in fitted.items() if v}}
+    return update_meta(bundle, unknown=section)["unknown"]
+
+
+def unknown_thresholds(bundle: Path, meta: dict, detector, engine: OnnxEngine, limit: int = 5000) -> dict | None:
     """Unknown-image thresholds for the INT8 graph, fitted on validation images as for fp32.
 
     Quantized features sit slightly apart from the fp32 training bank: on the demo model the fp32
@@ -79,7 +99,6 @@ def unknown_thresholds(bundle: Path, meta: dict, engine: OnnxEngine, limit: int 
     similarities have a validation IQR of 0.016 and moved by 0.01). None: no statistics in the bundle,
     or no validation images (manifest.csv) to fit on; predictions then use the fp32 thresholds.
     """
-    detector = load_detector(bundle, meta)
     if detector is None:
         return None
     found = manifest_images(bundle, meta, "val", limit)
@@ -87,8 +106,7 @@ def unknown_thresholds(bundle: Path, meta: dict, engine: OnnxEngine, limit: int 
         warnings.warn(f"no validation images next to {bundle} (manifest.csv): the INT8 graph uses the fp32 "
                       "unknown-image thresholds, which may reject a few more known images", stacklevel=3)
         return None
-    scores = detector.scores(*run_in_batches(engine, found[0], 32))
-    return {name: threshold_for(values, detector.section["target_tpr"]) for name, values in scores.items()}
+    return thresholds_for(detector.scores(*run_in_batches(engine, found[0], 32)), detector.section["target_tpr"])
 
 
 def calibration_images(bundle: Path, meta: dict, calibration, limit: int) -> tuple[np.ndarray, str]:
@@ -138,17 +156,16 @@ class BatchReader(CalibrationDataReader):
 
 
 def compare(bundle: Path, meta: dict, fp32: OnnxEngine, int8: OnnxEngine, fallback: np.ndarray,
-            int8_thresholds: dict | None = None) -> dict:
+            detector=None, int8_thresholds: dict | None = None) -> dict:
     """Test accuracy of fp32 ONNX vs INT8 on the same images (top-1 agreement only without labels)."""
     found = manifest_images(bundle, meta, "test", ACCURACY_IMAGES)
     images = found[0] if found is not None else fallback
     out_fp32, out_int8 = run_in_batches(fp32, images, 32), run_in_batches(int8, images, 32)
     logits_fp32, logits_int8 = out_fp32[0], out_int8[0]
     agreement = {"top1_agreement": float((logits_fp32.argmax(1) == logits_int8.argmax(1)).mean())}
-    detector = load_detector(bundle, meta)
     if detector is not None and len(images):  # each graph with its own thresholds: same decisions?
         name = detector.score_name
-        fp32_unknown = detector.score(*out_fp32) < detector.section["threshold"]
+        fp32_unknown = detector.is_unknown(detector.score(*out_fp32))
         int8_threshold = (int8_thresholds or detector.section["thresholds"])[name]
         agreement["unknown_agreement"] = float((fp32_unknown == (detector.score(*out_int8) < int8_threshold)).mean())
     if found is None:

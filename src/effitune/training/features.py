@@ -225,7 +225,7 @@ def _view_batches(dataset: ImageDataset, rows: range, view: int, on_device: bool
     """
     if view == 0 or on_device:
         part = ImageDataset(dataset.cache, [dataset.keys[i] for i in rows], dataset.labels[rows.start:rows.stop])
-        return ImageBatches(part, batch_size, threads=max(1, workers), pin=device.startswith("cuda"), rank=0,
+        return ImageBatches(part, batch_size, threads=workers, pin=device.startswith("cuda"), rank=0,
                             world=1)
     source = _SeededViews(dataset, rows, view, dataset.transform)
     return torch.utils.data.DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=workers,

@@ -328,8 +328,9 @@ def _fit_phase(network, phase: Phase, datamodule, inputs, config: Config, paths:
                                 steps_per_epoch=_steps_per_epoch(train_loader, plan.world),
                                 warmup_epochs=stage.warmup_epochs,
                                 label_smoothing=config.train.label_smoothing)
+    device = _device(config)
     module = PhaseModule(network, phase, kind, optimization, train_bn=config.train.train_bn, class_weights=weights,
-                         batch_augment=_batch_augment(config, _device(config)), pad_batches=_device(config) == "cuda")
+                         batch_augment=_batch_augment(config, device), pad_batches=device == "cuda")
     checkpoint_dir = paths.checkpoints / phase.name
     checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val_acc", mode="max",
                                  save_top_k=1, save_last=True)
@@ -468,10 +469,10 @@ def _embedding(network, phase_log: list[dict]) -> dict:
     Its pooled output is ImageNet's, untouched by training: unknown images that fine-tuning pulls
     towards the classes stay apart there (docs/benchmarks.md, "Unknown images").
     """
-    best = next(entry["phase"] for entry in phase_log if entry.get("best"))
-    depth = 0 if best == "stage1" else None if best == "stage2-all" else int(best.rsplit("depth", 1)[1])
-    if depth is None:  # every layer trained: nothing is left untouched
+    best = Phase.from_name(next(entry["phase"] for entry in phase_log if entry.get("best")))
+    if best.depth is not None and best.depth < 0:  # every layer trained: nothing is left untouched
         return {}
+    depth = best.depth or 0  # stage 1: the whole feature stack stayed frozen
     with torch.inference_mode():
         prefix_dim = network.cpu().eval().prefix(torch.zeros(1, 3, 64, 64), depth).shape[1]
     return {"frozen_depth": depth, "pooled_dim": feature_dim(network.backbone), "prefix_dim": int(prefix_dim)}

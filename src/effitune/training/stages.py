@@ -30,6 +30,13 @@ class Phase:
             return "stage1"
         return "stage2-all" if self.depth < 0 else f"stage2-depth{self.depth}"
 
+    @classmethod
+    def from_name(cls, name: str) -> "Phase":
+        """The phase a `name` (run state, phase log, bundle) stands for."""
+        if name == "stage1":
+            return cls(None)
+        return cls(-1) if name == "stage2-all" else cls(int(name.removeprefix("stage2-depth")))
+
     @property
     def stage(self) -> int:
         return 1 if self.depth is None else 2
