@@ -109,18 +109,27 @@ def main() -> None:
     parser.add_argument("--epochs1", type=int, default=8)
     parser.add_argument("--epochs2", type=int, default=12)
     parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument("--size", type=int, default=None,
+                        help="training resolution for all runs (default: effitune's choice for the data)")
+    parser.add_argument("--skip-defaults", action="store_true",
+                        help="run only effitune --unfreeze DEPTH and the plain loop (no `unfreeze auto` run)")
     args = parser.parse_args()
     os.environ.setdefault("EFFITUNE_CACHE", str(args.out / "cache"))
-    run, result = effitune_run(args.out / "run", data=args.data)
+    size = {"data.image_size": args.size} if args.size else {}
+    depth_overrides = {**size, "train.unfreeze": str(args.depth)}
+    runs, source = {}, {"data": args.data}
+    if not args.skip_defaults:
+        run, runs["effitune"] = effitune_run(args.out / "run", data=args.data,
+                                             config=effitune.load_config(overrides=size))
+        source = {"manifest": run.run_dir / "manifest.csv"}
+    run, runs[f"effitune_unfreeze{args.depth}"] = effitune_run(
+        args.out / f"run-unfreeze{args.depth}", config=effitune.load_config(overrides=depth_overrides), **source)
     meta = json.loads((run.bundle / "effitune.json").read_text())
     rows = read_manifest(run.run_dir / "manifest.csv")
-    direct = effitune_run(args.out / f"run-unfreeze{args.depth}", manifest=run.run_dir / "manifest.csv",
-                          config=effitune.load_config(overrides={"train.unfreeze": str(args.depth)}))[1]
-    result = {"machine": f"{os.cpu_count()} cores", "size": meta["preprocessing"]["size"],
-              "effitune": result, f"effitune_unfreeze{args.depth}": direct,
+    result = {"machine": f"{os.cpu_count()} cores", "size": meta["preprocessing"]["size"], **runs,
               "plain_loop": plain_loop(rows, meta["classes"], meta["preprocessing"]["size"], args.epochs1,
                                        args.epochs2, args.depth)}
-    for name in ("effitune", f"effitune_unfreeze{args.depth}"):
+    for name in runs:
         result[f"plain_over_{name}_wall"] = round(result["plain_loop"]["wall_seconds"] / result[name]["wall_seconds"], 2)
     print(json.dumps(result, indent=1))
     (args.out / "result.json").write_text(json.dumps(result, indent=1))

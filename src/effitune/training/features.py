@@ -179,31 +179,28 @@ def _write_views(network: Network, dataset: ImageDataset, depths: list[int], fol
     total, done = views * len(rows), 0
     writer = _RowWriter()
     try:
-        for view in range(views):
-            on_device = view > 0 and batch_augment is not None
-            start = 0
-            for images, _ in _view_batches(dataset, rows, view, on_device, batch_size, device, workers):
-                images, n = images.to(device, non_blocking=True), len(images)
-                if on_device:
-                    images = batch_augment(images, seeds=[view_seed(view, i) for i in rows[start:start + len(images)]])
-                if onnx_run is not None:
-                    captured = {k: torch.from_numpy(v) for k, v in onnx_run(images).items()}
-                else:
-                    images = pad_batch(images, batch_size)  # one input shape per process (GPU: see pad_batch)
-                    with autocast:
-                        captured = _capture(network, images.contiguous(memory_format=torch.channels_last), depths)
-                    captured = {name: tensor[:n] for name, tensor in captured.items()}
-                for name, tensor in captured.items():
-                    if name not in arrays:
-                        temporaries[name] = folder / f"{name}{suffix}.{uuid.uuid4().hex[:8]}.tmp.npy"
-                        arrays[name] = np.lib.format.open_memmap(
-                            temporaries[name], mode="w+", dtype=np.float16,
-                            shape=(views, len(rows), *tensor.shape[1:]))
-                    writer.put(arrays[name], view * len(rows) + start, tensor)
-                start += n
-                done += n
-                if progress is not None:
-                    progress(done, total)
+        for offset, images, seeds in _pass_batches(dataset, rows, views, batch_augment is not None, batch_size,
+                                                   device, workers):
+            images, n = images.to(device, non_blocking=True), len(images)
+            if seeds is not None:
+                images = batch_augment(images, seeds=seeds)
+            if onnx_run is not None:
+                captured = {k: torch.from_numpy(v) for k, v in onnx_run(images).items()}
+            else:
+                images = pad_batch(images, batch_size)  # one input shape per process (GPU: see pad_batch)
+                with autocast:
+                    captured = _capture(network, images.contiguous(memory_format=torch.channels_last), depths)
+                captured = {name: tensor[:n] for name, tensor in captured.items()}
+            for name, tensor in captured.items():
+                if name not in arrays:
+                    temporaries[name] = folder / f"{name}{suffix}.{uuid.uuid4().hex[:8]}.tmp.npy"
+                    arrays[name] = np.lib.format.open_memmap(
+                        temporaries[name], mode="w+", dtype=np.float16,
+                        shape=(views, len(rows), *tensor.shape[1:]))
+                writer.put(arrays[name], offset, tensor)  # row `offset` of the (views * images) rows
+            done += n
+            if progress is not None:
+                progress(done, total)
         writer.close()  # raises a failed write: cleaned up below like any other error
     except BaseException:
         writer.abandon()  # the error that stopped the loop is the one to report
@@ -215,21 +212,39 @@ def _write_views(network: Network, dataset: ImageDataset, depths: list[int], fol
         temporaries[name].replace(folder / f"{name}{suffix}.npy")
 
 
-def _view_batches(dataset: ImageDataset, rows: range, view: int, on_device: bool, batch_size: int, device: str,
+def _pass_batches(dataset: ImageDataset, rows: range, views: int, on_device: bool, batch_size: int, device: str,
                   workers: int):
-    """uint8 batches of images `rows` for one view, in order.
+    """(offset, uint8 batch, seeds or None) for every view of images `rows`, in row order.
 
-    Images as cached (view 0, or augmented later on the device) come from threads reading into pinned
-    memory (`ImageBatches`); views augmented per sample on a CPU come from loader worker processes,
-    each image under its own seed.
+    `offset` is the batch's first row in the (views * images) rows of the cache. Images as cached
+    (view 0, and views augmented later on the device, which get their per-image `seeds`) come from
+    threads reading into pinned memory (`ImageBatches`). Views augmented per sample on a CPU come from
+    ONE loader of worker processes over all of them, started before the first forward: workers forked
+    after ONNX Runtime has filled its memory arena make every arena page copy-on-write, and at 224 px
+    the page faults that follow cost more than the forward itself (measured: 4-5x slower per view).
     """
-    if view == 0 or on_device:
-        part = ImageDataset(dataset.cache, [dataset.keys[i] for i in rows], dataset.labels[rows.start:rows.stop])
-        return ImageBatches(part, batch_size, threads=workers, pin=device.startswith("cuda"), rank=0,
-                            world=1)
-    source = _SeededViews(dataset, rows, view, dataset.transform)
-    return torch.utils.data.DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                       collate_fn=collate_batched, prefetch_factor=4 if workers else None)
+    n = len(rows)
+    augmented = None
+    if views > 1 and not on_device:
+        source = _SeededViews(dataset, rows, range(1, views), dataset.transform)
+        augmented = iter(torch.utils.data.DataLoader(  # iter() forks the workers now, see above
+            source, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_batched,
+            prefetch_factor=4 if workers else None))
+    plain_views = range(views) if on_device else range(1)
+    part = ImageDataset(dataset.cache, [dataset.keys[i] for i in rows], dataset.labels[rows.start:rows.stop])
+    for view in plain_views:
+        offset = view * n
+        for images, _ in ImageBatches(part, batch_size, threads=workers, pin=device.startswith("cuda"), rank=0,
+                                      world=1):
+            first = offset - view * n
+            seeds = [view_seed(view, i) for i in rows[first:first + len(images)]] if view > 0 else None
+            yield offset, images, seeds
+            offset += len(images)
+    if augmented is not None:
+        offset = n
+        for images, _ in augmented:
+            yield offset, images, None
+            offset += len(images)
 
 
 class _RowWriter:
@@ -281,24 +296,33 @@ class _RowWriter:
 
 
 def view_seed(view: int, index: int) -> int:
-    """The augmentation seed of image `index` in view `view`: the same in any batch, worker or rank."""
-    return (1000 + view) * 2**32 + index
+    """The augmentation seed of image `index` in view `view`: the same in any batch, worker or rank.
+
+    A SplitMix64 hash of (view, index) cut to 32 bits: torch's CPU generator keeps only the low 32 bits
+    of a seed, so a plain `view * 2**32 + index` gave every view of an image the same augmentation.
+    """
+    mask = 2**64 - 1
+    state = (((1000 + view) << 32 | index) * 0x9E3779B97F4A7C15 + 0x9E3779B97F4A7C15) & mask
+    state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & mask
+    return (state ^ (state >> 31)) >> 32
 
 
 class _SeededViews(torch.utils.data.Dataset):
-    """Images `rows` of an ImageDataset, each augmented by `transform` under its own `view_seed`."""
+    """Images `rows` of an ImageDataset in each of `views` in turn (item j: view views[j // len(rows)],
+    image rows[j % len(rows)]), each augmented by `transform` under its own `view_seed`."""
 
-    def __init__(self, dataset: ImageDataset, rows: range, view: int, transform):
-        self.base, self.rows, self.view = copy.copy(dataset), rows, view
+    def __init__(self, dataset: ImageDataset, rows: range, views: range, transform):
+        self.base, self.rows, self.views = copy.copy(dataset), rows, views
         self.base.transform = transform
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) * len(self.views)
 
     def __getitem__(self, j: int):
-        index = self.rows[j]
+        view, index = self.views[j // len(self.rows)], self.rows[j % len(self.rows)]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(view_seed(self.view, index))
+            torch.manual_seed(view_seed(view, index))
             return self.base[index]
 
 
