@@ -99,6 +99,7 @@ def effitune_run(out: Path, **kwargs) -> tuple:
     run = effitune.train(out=out, progress=False, **kwargs)
     meta = json.loads((run.bundle / "effitune.json").read_text())
     return run, {"wall_seconds": round(time.perf_counter() - started, 1), "test_accuracy": run.metrics["accuracy"],
+                 "train_seconds": run.metrics["train_seconds"],  # scan, split, resize and feature caches, phases
                  "phases": {p["phase"]: p["seconds"] for p in meta["phases"]}}
 
 

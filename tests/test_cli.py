@@ -74,6 +74,7 @@ def test_evaluate_manifest_json(trained):
     metrics = json.loads(result.stdout)
     assert metrics["accuracy"] == pytest.approx(summary["metrics"]["accuracy"])
     assert set(metrics["per_class"]) == {"blue", "green", "red"}
+    assert 0 < summary["metrics"]["train_seconds"] <= summary["metrics"]["wall_seconds"]
 
 
 @pytest.mark.parametrize("args, fragment", [

@@ -126,6 +126,7 @@ def train(data: str | Path | None = None, *, out: str | Path = "runs/run", confi
                                  workers=config.data.workers, seed=config.data.seed,
                                  device_augment=_device(config) == "cuda")
     phase_log = _train_phases(network, datamodule, config, paths, started, progress, callbacks)
+    trained = round(time.perf_counter() - started, 1)  # scan, split, caches and phases: before any evaluation
     _write_shares(paths)
     if not finish:
         best = max(phase_log, key=lambda p: p["val_acc"])
@@ -135,7 +136,7 @@ def train(data: str | Path | None = None, *, out: str | Path = "runs/run", confi
     if not distributed.is_main():  # rank 0 alone evaluates and writes the bundle; this rank is done
         return TrainResult(paths.root, paths.model, {}, phase_log)
     metrics = _evaluate_and_bundle(network, datamodule, config, paths, classes, weight_source, phase_log,
-                                   started, unknown_dir)
+                                   started, unknown_dir, trained)
     report = report_after_training(paths.root, device=_device(config), cache=cache.folder.parent)  # never raises
     return TrainResult(paths.root, paths.model, metrics, phase_log, report)
 
@@ -419,7 +420,7 @@ def predict_cached(predictor, cache: ImageCache, keys: list[str], chunk: int = 5
 
 
 def _evaluate_and_bundle(network, datamodule, config, paths, classes, weight_source, phase_log, started,
-                         unknown_dir=None) -> dict:
+                         unknown_dir=None, train_seconds: float | None = None) -> dict:
     from ..evaluate.calibration import fit_temperature, reliability
     from ..evaluate.metrics import classification_metrics
     from ..predict import Predictor, softmax
@@ -452,6 +453,7 @@ def _evaluate_and_bundle(network, datamodule, config, paths, classes, weight_sou
         metrics = classification_metrics(softmax(test_logits, temperature), labels, classes)
         metrics["test_ece"] = reliability(softmax(test_logits, temperature), labels)["ece"]
         metrics.update(_unknown_on_test(staging, test_logits, test_features, labels))
+    metrics["train_seconds"] = train_seconds  # up to the end of the phases (the rest: calibration, test, bundle)
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
     bundles.update_meta(staging, temperature=temperature, calibration=calibration,
                         metrics={k: v for k, v in metrics.items() if k != "confusion"})
