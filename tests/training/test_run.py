@@ -62,3 +62,14 @@ def test_a_reused_feature_cache_trains_exactly_like_one_computed_in_the_run(tiny
         return [tuple(v for k, v in row.items() if k != "seconds") for row in read_history(tmp_path / run / "history.csv")]
     assert len(learning("trial")) == 4
     assert learning("trial-again") == learning("trial") == learning("fresh")
+
+
+def test_without_augmentation_one_view_is_cached(tiny_dataset_module, tmp_path):
+    """Every view of an unaugmented image is the same: caching 4 of them would cost 4 forwards for one."""
+    import numpy as np
+
+    config = load_config(overrides={"data.image_size": 32, "data.augment": "none", "train.unfreeze": "1",
+                                    "train.stage1.epochs": 1, "train.stage2.epochs": 1, "train.cache_views": 4})
+    run = train(tiny_dataset_module, out=tmp_path / "run", config=config, cache_root=tmp_path / "cache",
+                progress=False, finish=False)
+    assert np.load(run.run_dir / "features" / "train" / "pooled.npy", mmap_mode="r").shape[0] == 1

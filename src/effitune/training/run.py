@@ -279,11 +279,12 @@ def _cached_inputs(network, datamodule, config, paths, depths) -> dict:
         depths = range(1, config.train.max_unfreeze + 1)
     cut_depths = [d for d in depths if 0 < d < network.num_stages]
     device = _device(config)
-    console.print(f"caching frozen-prefix activations ({config.train.cache_views} views) on {device}...")
+    views = config.train.cache_views if config.data.augment != "none" else 1  # unaugmented views are all alike
+    console.print(f"caching frozen-prefix activations ({views} view{'s' * (views > 1)}) on {device}...")
     began = time.perf_counter()
     batch = max(128, config.train.batch_size)  # ONNX Runtime on a CPU gains little beyond 128; a GPU wants 256
     train = compute_activations(network, datamodule.dataset("train", augment=device == "cpu"), cut_depths,
-                                paths.features / "train", views=config.train.cache_views, device=device,
+                                paths.features / "train", views=views, device=device,
                                 batch_size=batch, workers=datamodule.workers,
                                 batch_augment=_batch_augment(config, device), sharded=True)
     val = compute_activations(network, datamodule.dataset("val"), cut_depths, paths.features / "val",
