@@ -118,3 +118,14 @@ def test_resume_after_kill(tiny_dataset_module, tmp_path):
     rows = [line.split(",") for line in (out / "history.csv").read_text().splitlines()[1:]]
     epochs = [int(r[2]) for r in rows if r[0] == "stage2-depth1"]
     assert epochs == sorted(epochs) and len(epochs) == len(set(epochs))
+
+
+def test_split_warns_about_a_class_folder_it_leaves_out(tmp_path):
+    from conftest import make_image_tree
+
+    make_image_tree(tmp_path / "data", {"cat": 8, "dog": 8})
+    (tmp_path / "data" / "phone").mkdir()
+    (tmp_path / "data" / "phone" / "IMG_1.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))
+    result = runner.invoke(app, ["split", str(tmp_path / "data"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "'phone' has no usable images (1 rejected" in " ".join(result.output.split())

@@ -13,6 +13,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .config import ConfigError, load_config
@@ -38,6 +39,11 @@ def user_errors(command):
     return wrapper
 
 
+def _print_notices(result) -> None:
+    for notice in result.notices:
+        err.print(f"[yellow]warning:[/] {escape(notice)}", highlight=False)
+
+
 def print_json(value) -> None:
     sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=True, default=str) + "\n")
 
@@ -60,6 +66,7 @@ def scan(data: Path = typer.Argument(..., help="Folder with one subfolder per cl
     else:
         err.print(result.summary_table())
         err.print(f"records: {result.records_path}")
+        _print_notices(result)
 
 
 @app.command()
@@ -103,6 +110,7 @@ def split(data: Path = typer.Argument(..., help="Data folder / CSV."),
 
     config = load_config(overrides={"data.val": val, "data.test": test, "data.seed": seed})
     result = run_scan(data, out=out, config=config.data)
+    _print_notices(result)
     records = load_ok_records(result.records_path)
     rows = split_records(records, val=val, test=test, seed=seed,
                          groups=duplicate_groups(records, config.data.near_duplicate_distance))

@@ -55,3 +55,14 @@ def test_file_broken_after_scan_names_it(tmp_path):
     (tmp_path / "1.png").write_bytes(b"not a png any more")
     with pytest.raises(UserError, match="1.png"):
         ImageCache(tmp_path / "cache", 16).build(paths, workers=1)
+
+
+def test_the_cache_decodes_under_the_scans_pixel_limit_not_pillows_default(tmp_path, monkeypatch):
+    """An image the scan accepted (data.max_pixels raised above Pillow's default) must not fail in the
+    cache with Pillow's own limit; and a lower limit holds there too."""
+    paths = write_images(tmp_path, 2, size=(50, 30))  # 1,500 pixels each
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # stands in for Pillow's default; workers fork with it
+    keys = ImageCache(tmp_path / "cache", 16, max_pixels=10_000).build(paths, workers=1)
+    assert len(set(keys)) == 2
+    with pytest.raises(UserError, match="over|exceeds"):
+        ImageCache(tmp_path / "small", 16, max_pixels=1_000).build(paths, workers=1)

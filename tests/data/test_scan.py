@@ -307,3 +307,70 @@ def test_walk_is_lazy(image_tree):
     assert next(tasks)[1] == "cat"  # a generator: files are produced while the pool works
     shutil.rmtree(image_tree / "dog")  # nothing about dog/ was read in advance
     assert sum(1 for _ in tasks) == 7
+
+
+def check(path, **limits):
+    return scan_module.check_file((str(path), "a", None), **{"max_pixels": 10**7, "min_side": 4, **limits})
+
+
+def test_a_pipe_named_like_an_image_is_rejected_not_waited_on(tmp_path):
+    import threading
+
+    os.mkfifo(tmp_path / "p.jpg")
+    found = []
+    reader = threading.Thread(target=lambda: found.append(check(tmp_path / "p.jpg")), daemon=True)
+    reader.start()
+    reader.join(timeout=20)  # opening the pipe for reading would block forever (no writer)
+    assert not reader.is_alive(), "the scan blocked on a pipe"
+    assert found[0]["reason"] == "unreadable" and "not a regular file" in found[0]["detail"]
+
+
+def test_phone_formats_pillow_cannot_read_are_rejected_with_the_way_out(tmp_path):
+    (tmp_path / "IMG_1.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))
+    record = check(tmp_path / "IMG_1.HEIC")
+    assert record["reason"] == "not an image" and "convert them to JPEG or PNG" in record["detail"]
+    assert "pillow-heif" in record["detail"]
+
+
+def test_colour_key_transparency_and_uniform_deep_images(tmp_path):
+    rgb = np.zeros((20, 20, 3), dtype=np.uint8)
+    rgb[:] = (0, 255, 0)
+    rgb[5:10, 5:10] = (200, 10, 10)
+    Image.fromarray(rgb).save(tmp_path / "keyed.png", transparency=(0, 255, 0))
+    record = check(tmp_path / "keyed.png")
+    assert "mode RGB converted to RGB (transparency over white)" in record["notes"]
+    pixels = np.asarray(load_rgb(tmp_path / "keyed.png"))
+    assert tuple(pixels[0, 0]) == (255, 255, 255) and tuple(pixels[6, 6]) == (200, 10, 10)
+    Image.fromarray(np.full((20, 20), 128, dtype=np.uint8)).save(tmp_path / "grey_keyed.png", transparency=128)
+    assert tuple(np.asarray(load_rgb(tmp_path / "grey_keyed.png"))[0, 0]) == (255, 255, 255)
+    Image.fromarray(np.full((20, 20), 65535, dtype=np.uint16)).save(tmp_path / "white16.png")
+    assert check(tmp_path / "white16.png")["mean_rgb"] == [255, 255, 255]  # not black: no range to stretch
+
+
+def test_invalid_exif_orientation_is_said_to_be_ignored(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 9
+    random_image(5).save(tmp_path / "odd.jpg", exif=exif)
+    assert "EXIF orientation 9 is not a valid value (1-8): ignored" in check(tmp_path / "odd.jpg")["notes"]
+
+
+def test_rejections_and_notices_speak_in_the_users_terms(messy):
+    result, records, _, _ = messy
+    assert "160000 pixels is over max_pixels 60000" in records["huge.png"]["detail"]  # not Pillow's 2x threshold
+    assert any("'empty_class' has no usable images" in notice and "left out" in notice for notice in result.notices)
+
+
+def test_an_elongated_image_is_cropped_before_it_is_resized(monkeypatch):
+    """Resizing a 16 x 40,000 strip whole first would make a 224 x 560,000 image (376 MB) for one crop."""
+    from effitune.data.images import resize_center_crop
+
+    requested = []
+    resize = Image.Image.resize
+
+    def recording(self, size, *args, **kwargs):
+        requested.append(size)
+        return resize(self, size, *args, **kwargs)
+    monkeypatch.setattr(Image.Image, "resize", recording)
+    out = resize_center_crop(Image.new("RGB", (16, 40_000), (10, 20, 30)), 224)
+    assert out.size == (224, 224) and out.getpixel((100, 100)) == (10, 20, 30)
+    assert max(w * h for w, h in requested) <= 224 * 224

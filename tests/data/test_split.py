@@ -73,3 +73,49 @@ def test_not_a_manifest(tmp_path):
     bad.write_text("a,b\n1,2\n")
     with pytest.raises(UserError, match="missing columns"):
         read_manifest(bad)
+
+
+def test_duplicates_that_leave_a_class_too_few_distinct_images_are_a_user_error():
+    """8 copies of one photo (a burst) are one image for the split: a clear error, not sklearn's traceback."""
+    recs = records({"burst": 8, "b": 10})
+    with pytest.raises(UserError, match=r"'burst' has 1 \(8 files, the rest duplicates"):
+        split_records(recs, groups=[list(range(8))])
+
+
+def test_the_split_does_not_depend_on_the_order_files_were_found_in():
+    """Groups are led by their smallest path: a copy of the folder scanned in another order splits the same."""
+    import random
+
+    recs = records({"a": 30, "b": 30})
+    for i, rec in enumerate(recs):
+        rec["sha1"] = f"{rec['label']}{i % 15}"
+    key = lambda rows: sorted((r["path"], r["split"]) for r in rows)  # noqa: E731
+    results = set()
+    for shuffle in range(5):
+        shuffled = random.Random(shuffle).sample(recs, len(recs))
+        groups = {}
+        for index, rec in enumerate(shuffled):
+            groups.setdefault(rec["sha1"], []).append(index)
+        results.add(tuple(key(split_records(shuffled, seed=0, groups=list(groups.values())))))
+    assert len(results) == 1
+
+
+def test_a_split_column_filled_on_some_rows_only_is_a_user_error():
+    recs = records({"a": 10, "b": 10})
+    recs[0]["split"] = "test"
+    with pytest.raises(UserError, match="1 of 20 images have a split"):
+        split_records(recs)
+
+
+def test_existing_layout_checks_classes_and_keeps_duplicates_together_when_carving_val():
+    recs = [{**r, "split": "train"} for r in records({"a": 20, "b": 20})]
+    only_tested = [{**r, "split": "test"} for r in records({"c": 3})]
+    with pytest.raises(UserError, match="'c' has images in val/ or test/ but none in train/"):
+        split_records(recs + only_tested)
+    groups = [list(range(10))]  # ten copies of one image in train/a
+    for seed in range(4):
+        rows = split_records(recs, val=0.2, seed=seed, groups=groups)
+        assert len({rows[i]["split"] for i in groups[0]}) == 1
+    few = [{**r, "split": "train"} for r in records({"a": 1, "b": 5})]
+    with pytest.raises(UserError, match="Too few distinct images in train/"):
+        split_records(few, val=0.15)

@@ -10,11 +10,13 @@ import hashlib
 import json
 import os
 import uuid
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .. import distributed
 from ..errors import UserError
@@ -22,11 +24,15 @@ from . import rowio
 from .images import is_url, load_for_model, read_bytes
 
 
-def _decode(job: tuple[str, int]) -> tuple[str, np.ndarray | None, str]:
-    path, size = job
+def _decode(job: tuple[str, int, int | None]) -> tuple[str, np.ndarray | None, str]:
+    """In a worker process: (sha1, pixels, "") or ("", None, why it failed)."""
+    path, size, max_pixels = job
     try:
+        if max_pixels is not None:  # the limit the scan accepted the file under, not Pillow's default
+            Image.MAX_IMAGE_PIXELS = max_pixels  # this worker's own copy; load_for_model checks it exactly
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         data = read_bytes(path)  # a local file, or a URL through fsspec
-        return hashlib.sha1(data).hexdigest(), load_for_model(data, size), ""
+        return hashlib.sha1(data).hexdigest(), load_for_model(data, size, max_pixels=max_pixels), ""
     except Exception as error:  # noqa: BLE001 - every bad file becomes a message, never a crash
         return "", None, f"{type(error).__name__}: {error}"
 
@@ -49,8 +55,9 @@ class CacheIndex:
 class ImageCache:
     """`ImageCache(root, size).build(paths)` returns the keys; `cache.get(key)` an HWC uint8 array."""
 
-    def __init__(self, root: str | Path, size: int):
-        self.size = size
+    def __init__(self, root: str | Path, size: int, max_pixels: int | None = None):
+        """`max_pixels`: the largest image decoded (the scan's `data.max_pixels`); None: Pillow's default."""
+        self.size, self.max_pixels = size, max_pixels
         self.folder = Path(root) / f"size{size}"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.index = self._read_index()
@@ -115,7 +122,7 @@ class ImageCache:
                                           shape=(len(paths), self.size, self.size, 3))
         keys: list[str] = []
         files: dict[str, tuple] = {}
-        jobs = [(path, self.size) for path in paths]
+        jobs = [(path, self.size, self.max_pixels) for path in paths]
         with ProcessPoolExecutor(max_workers=workers or distributed.cores_per_process()) as pool:
             for n, (path, (key, pixels, error)) in enumerate(zip(paths, pool.map(_decode, jobs, chunksize=32))):
                 if pixels is None:

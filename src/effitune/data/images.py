@@ -13,10 +13,19 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps
 
-# Extensions we try to decode. Anything else is skipped (and counted), never guessed at.
+# Extensions we try to decode. Anything else is skipped (and counted), never guessed at. Phone formats
+# are tried too: a file Pillow cannot decode is rejected with its reason, not skipped unseen.
 IMAGE_EXTENSIONS = frozenset(
-    ".jpg .jpeg .jpe .jfif .png .bmp .gif .tif .tiff .webp .ppm .pgm .pbm .pnm .tga .ico".split()
+    ".jpg .jpeg .jpe .jfif .png .bmp .gif .tif .tiff .webp .ppm .pgm .pbm .pnm .tga .ico .avif .heic .heif".split()
 )
+# Formats Pillow decodes only with a plugin or a build option: the rejection says how to get them read.
+NEEDS_PLUGIN = {".heic": "pillow-heif", ".heif": "pillow-heif", ".avif": "pillow-avif-plugin (or Pillow >= 11.3)"}
+try:  # iPhone photos (HEIC/HEIF) decode when the optional pillow-heif plugin is installed
+    from pillow_heif import register_heif_opener
+except ImportError:
+    pass
+else:
+    register_heif_opener()
 EXIF_ORIENTATION_TAG = 0x0112
 # `s3://…`, `gs://…`, `https://…`, `memory://…`, `file://…`: a scheme of two letters or more, so a
 # Windows drive (C:\) is never taken for one.
@@ -47,22 +56,32 @@ def is_image_name(name: str) -> bool:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB: transparency is composited over white, 16-bit is rescaled."""
+    """Convert any PIL mode to RGB: transparency (alpha or a colour key) is composited over white,
+    16- and 32-bit images are rescaled."""
+    if image.mode in ("P", "L", "RGB") and "transparency" in image.info:
+        image = image.convert("RGBA")  # a palette entry or colour key marks the transparent pixels
     if image.mode == "RGB":
         return image
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # Pillow's own I->L conversion clips at 255: stretch the real range instead.
-        array = np.asarray(image, dtype=np.float64)
-        lo, hi = float(array.min()), float(array.max())
-        scaled = np.zeros_like(array) if hi <= lo else (array - lo) * (255.0 / (hi - lo))
-        return Image.fromarray(scaled.round().astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray(_stretch(np.asarray(image, dtype=np.float64), image.mode), "L").convert("RGB")
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def _stretch(array: np.ndarray, mode: str) -> np.ndarray:
+    """High-bit-depth values -> uint8 over their real range (Pillow's own I->L conversion clips at 255).
+
+    A uniform image has no range: its one value is placed on the type's nominal scale instead
+    (16-bit: 0..65535; float: 0..1 when it lies there), not turned black.
+    """
+    lo, hi = float(array.min()), float(array.max())
+    if hi > lo:
+        return ((array - lo) * (255.0 / (hi - lo))).round().astype(np.uint8)
+    nominal = 65535.0 if mode.startswith("I;16") or lo > 255 else 1.0 if mode == "F" and lo <= 1 else 255.0
+    return np.full(array.shape, np.clip(round(lo * 255.0 / nominal), 0, 255), dtype=np.uint8)
 
 
 def load_rgb(source: str | Path | bytes, max_pixels: int | None = None) -> Image.Image:
@@ -88,11 +107,18 @@ def resize_center_crop(image: Image.Image, size: int, resample: int = Image.Resa
     """Resize the shorter side to `size`, then center-crop a size x size square.
 
     This is effitune's one geometric preprocessing, stored in every bundle: the resize cache,
-    evaluation, prediction and serving all call it.
+    evaluation, prediction and serving all call it. A very elongated image (the resized long side
+    over 4 x size) is cut to the part the crop keeps before resizing: a 16 x 600,000 strip would
+    otherwise become 224 x 8,400,000 pixels (25 GB) on its way to the 224 x 224 crop.
     """
     width, height = image.size
     scale = size / min(width, height)
     new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    if max(new_w, new_h) > 4 * size:
+        keep_w, keep_h = min(width, size / scale), min(height, size / scale)
+        left, top = (width - keep_w) / 2, (height - keep_h) / 2
+        return image.resize((size, size), resample=resample, box=(left, top, left + keep_w, top + keep_h),
+                            reducing_gap=3.0)
     resized = image.resize((new_w, new_h), resample=resample, reducing_gap=3.0)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     return resized.crop((left, top, left + size, top + size))

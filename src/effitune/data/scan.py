@@ -13,6 +13,8 @@ import hashlib
 import io
 import json
 import os
+import re
+import stat
 import sys
 import tempfile
 import warnings
@@ -31,7 +33,7 @@ from rich.table import Table
 from .. import distributed
 from ..config import DataConfig
 from ..errors import UserError
-from .images import EXIF_ORIENTATION_TAG, IMAGE_EXTENSIONS, is_image_name, is_url, load_rgb, read_bytes
+from .images import EXIF_ORIENTATION_TAG, IMAGE_EXTENSIONS, NEEDS_PLUGIN, is_image_name, is_url, load_rgb, read_bytes
 
 RECORDS_FILE = "records.jsonl"
 REASONS = ("missing file", "unreadable", "empty file", "not an image", "truncated or corrupt",
@@ -90,9 +92,9 @@ def check_file(task: Task, *, max_pixels: int, min_side: int) -> dict[str, Any]:
                                f"{width}x{height} = {width * height} pixels is over max_pixels {max_pixels}")
             image = load_rgb(path if data is None else data, max_pixels=max_pixels)
         except UnidentifiedImageError:
-            return _reject(record, "not an image", "Pillow does not recognise the content as an image")
+            return _reject(record, "not an image", _unidentified_detail(path))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            return _reject(record, "decompression bomb", str(error))
+            return _reject(record, "decompression bomb", _bomb_detail(error, max_pixels))
         except Exception as error:  # every decoder failure means the same thing to the user
             return _reject(record, "truncated or corrupt", f"{type(error).__name__}: {error}")
     record["width"], record["height"] = image.size
@@ -106,12 +108,29 @@ def check_file(task: Task, *, max_pixels: int, min_side: int) -> dict[str, Any]:
 
 
 def _size_and_sha1(path: str) -> tuple[int, str]:
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe named x.jpg would block the scan forever
+        raise OSError(f"not a regular file (a pipe, socket or device): {printable(path)}")
     digest, size = hashlib.sha1(), 0
     with open(path, "rb") as stream:
         while block := stream.read(1 << 20):
             digest.update(block)
             size += len(block)
     return size, digest.hexdigest()
+
+
+def _unidentified_detail(path: str) -> str:
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in NEEDS_PLUGIN:
+        return (f"this Pillow cannot decode {suffix} files: convert them to JPEG or PNG, or install "
+                f"{NEEDS_PLUGIN[suffix]} and scan again")
+    return "Pillow does not recognise the content as an image"
+
+
+def _bomb_detail(error: Exception, max_pixels: int) -> str:
+    """Pillow words its hard stop with its own threshold (twice the limit): say it with the user's."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    pixels = f"{int(found.group(1))} pixels" if found else "the image"
+    return f"{pixels} is over max_pixels {max_pixels} (raise data.max_pixels if the image is genuine)"
 
 
 def _reject(record: dict[str, Any], reason: str, detail: str) -> dict[str, Any]:
@@ -153,12 +172,14 @@ def _notes(path: str, header: dict[str, Any]) -> list[str]:
     if expected is not None and content != expected:
         notes.append(f"extension {suffix} but content {header['format']}")
     mode = header["mode"]
-    if mode in _ALPHA_MODES or (mode == "P" and header["transparency"]):
+    if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB") and header["transparency"]):
         notes.append(f"mode {mode} converted to RGB (transparency over white)")
     elif mode != "RGB":
         notes.append(f"mode {mode} converted to RGB")
-    if header["orientation"] not in (None, 1):
+    if header["orientation"] in range(2, 9):
         notes.append(f"EXIF orientation {header['orientation']} applied")
+    elif header["orientation"] not in (None, 1):
+        notes.append(f"EXIF orientation {header['orientation']} is not a valid value (1-8): ignored")
     return notes
 
 
@@ -321,9 +342,18 @@ class ScanResult:
     def empty_classes(self) -> list[str]:
         return [label for label, count in self.per_class.items() if count == 0]
 
+    @property
+    def notices(self) -> list[str]:
+        """What a user must hear before training on this scan: class folders left out, folders not read."""
+        left_out = [f"class {printable(label)!r} has no usable images ({self.rejected_per_class.get(label, 0)} "
+                    f"rejected; reasons in {self.records_path}): it is left out. Fix or convert its files, or "
+                    "remove the folder." for label in self.empty_classes]
+        return left_out + self.warnings
+
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
-        values.update(records_path=str(self.records_path), root=str(self.root), empty_classes=self.empty_classes)
+        values.update(records_path=str(self.records_path), root=str(self.root), empty_classes=self.empty_classes,
+                      notices=self.notices)
         return values
 
     def summary_table(self) -> Table:

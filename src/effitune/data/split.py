@@ -37,36 +37,67 @@ def split_records(records: list[dict], *, val: float = 0.15, test: float = 0.15,
     """
     if not records:
         raise UserError("No usable images to split. Run `effitune scan DATA` and check the rejected files.")
-    if all(r.get("split") for r in records):
-        return _respect_layout(records, val, seed)
-    _check_class_sizes(records, val, test)
+    given = sum(bool(r.get("split")) for r in records)
+    if 0 < given < len(records):
+        missing = next(r["path"] for r in records if not r.get("split"))
+        raise UserError(f"{given} of {len(records)} images have a split and the others none (e.g. {missing}). "
+                        "Give every row of the CSV a split (train, val or test), or leave the column empty "
+                        "to let effitune split.")
+    leaders, members_of = _duplicate_groups(records, groups)
+    if given:
+        return _respect_layout(records, leaders, members_of, val, seed)
+    labels = _group_labels(records, leaders, members_of)
+    _check_class_sizes(records, labels, val, test)
+    return _rows(records, leaders, members_of, _assign(leaders, labels, val, test, seed))
+
+
+def _duplicate_groups(records: list[dict], groups) -> tuple[list[int], dict[int, list[int]]]:
+    """(leaders, members of each leader): a group is led by its member with the smallest path, and
+    leaders come in path order, so the split does not depend on the order the files were found in."""
     group_of = list(range(len(records)))
     for group in groups or ():
-        members = sorted(group)
+        members = sorted(group, key=lambda i: records[i]["path"])
         for index in members:
             group_of[index] = members[0]
-    # Canonical order (by path) makes the split independent of scan order.
-    leaders = sorted({g for g in group_of}, key=lambda i: records[i]["path"])
     members_of: dict[int, list[int]] = {}
     for index, leader in enumerate(group_of):
         members_of.setdefault(leader, []).append(index)
-    labels = [Counter(records[i]["label"] for i in members_of[g]).most_common(1)[0][0] for g in leaders]
-    assignment = _assign(leaders, labels, val, test, seed)
+    return sorted(members_of, key=lambda i: records[i]["path"]), members_of
+
+
+def _group_labels(records: list[dict], leaders: list[int], members_of: dict[int, list[int]]) -> list[str]:
+    """Each group's majority label (ties: the first label by name), what stratification counts."""
+    labels = []
+    for leader in leaders:
+        counts = Counter(records[i]["label"] for i in members_of[leader])
+        labels.append(min(counts, key=lambda label: (-counts[label], label)))
+    return labels
+
+
+def _rows(records: list[dict], leaders: list[int], members_of: dict[int, list[int]], parts: list[str]) -> list[dict]:
     rows = [None] * len(records)
-    for leader, part in zip(leaders, assignment):
+    for leader, part in zip(leaders, parts):
         for index in members_of[leader]:
             rows[index] = _row(records[index], part)
     return rows  # type: ignore[return-value]
 
 
-def _respect_layout(records: list[dict], val: float, seed: int) -> list[dict]:
-    """Keep an existing train/val/test layout; carve val out of train only when it has none."""
+def _respect_layout(records: list[dict], leaders: list[int], members_of: dict[int, list[int]], val: float,
+                    seed: int) -> list[dict]:
+    """Keep an existing train/val/test layout; carve val out of train (whole duplicate groups) when it has none."""
     rows = [_row(r, r["split"]) for r in records]
+    trained = {row["label"] for row in rows if row["split"] == "train"}
+    untrained = sorted({row["label"] for row in rows} - trained)
+    if untrained:
+        raise UserError(f"Class {untrained[0]!r} has images in val/ or test/ but none in train/: the model "
+                        "could never learn it. Add its training images under train/, or remove it.")
     if val > 0 and not any(row["split"] == "val" for row in rows):
-        train = [i for i, row in enumerate(rows) if row["split"] == "train"]
-        labels = [rows[i]["label"] for i in train]
-        for i, part in zip(train, _assign(train, labels, val, 0.0, seed)):
-            rows[i]["split"] = part
+        in_train = [g for g in leaders if all(rows[i]["split"] == "train" for i in members_of[g])]
+        labels = _group_labels(records, in_train, members_of)
+        _check_class_sizes(records, labels, val, 0.0, where="train/ ")
+        for leader, part in zip(in_train, _assign(in_train, labels, val, 0.0, seed)):
+            for index in members_of[leader]:
+                rows[index]["split"] = part
     return rows
 
 
@@ -86,17 +117,24 @@ def _assign(items: list[int], labels: list[str], val: float, test: float, seed: 
     return parts.tolist()
 
 
-def _check_class_sizes(records: list[dict], val: float, test: float) -> None:
-    counts = Counter(r["label"] for r in records)
+def _check_class_sizes(records: list[dict], group_labels: list[str], val: float, test: float,
+                       where: str = "") -> None:
+    """Every class needs enough distinct images (duplicate groups) for each split to get one."""
+    counts = Counter(group_labels)
     if len(counts) < 2:
         raise UserError(f"Only one class ({next(iter(counts))!r}) has usable images; a classifier needs at "
                         "least two class folders.")
     needed = min_images_per_class(val, test)
     small = {label: n for label, n in counts.items() if n < needed}
     if small:
-        listing = ", ".join(f"'{label}' has {n}" for label, n in sorted(small.items()))
-        raise UserError(f"Too few images to split {val:.0%} val / {test:.0%} test: {listing}; each class needs "
-                        f"at least {needed}. Add images, lower --val/--test, or remove or merge those classes.")
+        files = Counter(r["label"] for r in records)
+        listing = ", ".join(f"'{label}' has {n}" + (f" ({files[label]} files, the rest duplicates of these)"
+                                                     if files[label] > n else "")
+                            for label, n in sorted(small.items()))
+        raise UserError(f"Too few distinct images {'in ' + where if where else ''}to split {val:.0%} val / "
+                        f"{test:.0%} test: {listing}; each class needs at least {needed} (duplicates and near "
+                        "duplicates count once: they always share a split). Add images, lower --val/--test, "
+                        "or remove or merge those classes.")
 
 
 def _row(record: dict, part: str) -> dict:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 from rich.console import Console
+from rich.markup import escape
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
@@ -117,7 +118,8 @@ def train(data: str | Path | None = None, *, out: str | Path = "runs/run", confi
     _fill_epochs(config, sum(row["split"] == "train" for row in rows))
     config.train.batch_size = config.train.batch_size or (256 if _device(config) == "cuda" else 64)
     distributed.on_main(save_config, config, paths.config)
-    cache = ImageCache(cache_root or default_cache_root() / "images", config.data.image_size)
+    cache = ImageCache(cache_root or default_cache_root() / "images", config.data.image_size,
+                       max_pixels=config.data.max_pixels)
     console.print(f"[bold]effitune[/] {len(rows)} images, {len(classes)} classes, {config.model.backbone} "
                   f"@ {config.data.image_size}px, weights: {weight_source}")
     keys = _cache_images(cache, rows, config)
@@ -167,6 +169,8 @@ def _scan_and_split(data, paths: RunPaths, config: Config) -> list[dict]:
     if data is None:
         raise UserError("Nothing to train on: pass a DATA folder (one subfolder per class), a CSV, or --manifest.")
     result = scan(data, out=paths.root, config=config.data, workers=config.data.workers, sharded=True)
+    for notice in result.notices:
+        console.print(f"[yellow]warning:[/] {escape(notice)}", highlight=False)
 
     def split() -> list[dict]:
         records = load_ok_records(result.records_path)
