@@ -53,7 +53,8 @@ class TorchEngine:
     """Runs the bundle's network with PyTorch. Other engines (ONNX Runtime) offer the same `run`.
 
     In channels_last memory format (NHWC, as the images arrive): 1.5x faster than the default layout
-    for lite0 on a CPU at 96 and 224 px (docs/benchmarks.md); the values are the same.
+    for lite0 on a CPU at 96 and 224 px (docs/benchmarks.md); the values are the same. The network
+    is converted in place (no copy of the weights): export a network before giving it to an engine.
     """
 
     name = "torch"

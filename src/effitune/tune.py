@@ -248,12 +248,12 @@ def _set(config: Config, dotted: str, value) -> None:
 
 def run_config(folder: Path, config: Config, name: str, cache_root=None, callbacks: tuple = ()):
     """Train one configuration on the study's split and shared caches (validation only): trials/NAME."""
-    from .training.run import train
+    from .training.run import cached_views, train
 
     run_dir = folder / "trials" / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a retried trial starts clean
     features = folder / "features" / (f"{config.model.backbone}-{config.data.image_size}px-"
-                                      f"{config.data.augment}-{config.train.cache_views}views")
+                                      f"{config.data.augment}-{cached_views(config)}views")
     try:
         return train(out=run_dir, config=config, manifest=folder / "manifest.csv", progress=False,
                      cache_root=cache_root, features_dir=features, callbacks=callbacks, finish=False)

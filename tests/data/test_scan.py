@@ -338,7 +338,7 @@ def test_colour_key_transparency_and_uniform_deep_images(tmp_path):
     rgb[5:10, 5:10] = (200, 10, 10)
     Image.fromarray(rgb).save(tmp_path / "keyed.png", transparency=(0, 255, 0))
     record = check(tmp_path / "keyed.png")
-    assert "mode RGB converted to RGB (transparency over white)" in record["notes"]
+    assert "mode RGB with a transparent colour key: converted to RGB (transparency over white)" in record["notes"]
     pixels = np.asarray(load_rgb(tmp_path / "keyed.png"))
     assert tuple(pixels[0, 0]) == (255, 255, 255) and tuple(pixels[6, 6]) == (200, 10, 10)
     Image.fromarray(np.full((20, 20), 128, dtype=np.uint8)).save(tmp_path / "grey_keyed.png", transparency=128)
@@ -351,7 +351,7 @@ def test_invalid_exif_orientation_is_said_to_be_ignored(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 9
     random_image(5).save(tmp_path / "odd.jpg", exif=exif)
-    assert "EXIF orientation 9 is not a valid value (1-8): ignored" in check(tmp_path / "odd.jpg")["notes"]
+    assert "invalid EXIF orientation 9 (valid: 1-8): ignored" in check(tmp_path / "odd.jpg")["notes"]
 
 
 def test_rejections_and_notices_speak_in_the_users_terms(messy):

@@ -78,8 +78,12 @@ def test_not_a_manifest(tmp_path):
 def test_duplicates_that_leave_a_class_too_few_distinct_images_are_a_user_error():
     """8 copies of one photo (a burst) are one image for the split: a clear error, not sklearn's traceback."""
     recs = records({"burst": 8, "b": 10})
-    with pytest.raises(UserError, match=r"'burst' has 1 \(8 files, the rest duplicates"):
+    with pytest.raises(UserError, match=r"'burst' has 1 \(8 files\)"):
         split_records(recs, groups=[list(range(8))])
+    # a few duplicates in a class that still has enough distinct images split as before
+    recs = records({"a": 7, "b": 20})
+    rows = split_records(recs, groups=[[0, 1]])
+    assert {r["split"] for r in rows if r["label"] == "a"} == {"train", "val", "test"}
 
 
 def test_the_split_does_not_depend_on_the_order_files_were_found_in():
@@ -116,6 +120,11 @@ def test_existing_layout_checks_classes_and_keeps_duplicates_together_when_carvi
     for seed in range(4):
         rows = split_records(recs, val=0.2, seed=seed, groups=groups)
         assert len({rows[i]["split"] for i in groups[0]}) == 1
-    few = [{**r, "split": "train"} for r in records({"a": 1, "b": 5})]
-    with pytest.raises(UserError, match="Too few distinct images in train/"):
-        split_records(few, val=0.15)
+    # small train/ folders carve what they can: a single image stays in train, 5 images give one to val
+    few = [{**r, "split": "train"} for r in records({"a": 1, "b": 5, "c": 5})]
+    rows = split_records(few, val=0.15)
+    assert rows[0]["split"] == "train" and sum(r["split"] == "val" for r in rows) >= 2
+    # every train/ image also in test/: nothing to carve from, said plainly
+    tested = [{**r, "split": "test", "path": r["path"] + ".copy"} for r in recs]
+    with pytest.raises(UserError, match="No validation images can be carved"):
+        split_records(recs + tested, val=0.15, groups=[[i, i + 40] for i in range(40)])

@@ -171,3 +171,28 @@ def test_view_seeds_differ_between_the_views_of_an_image_within_32_bits():
         seeds = [view_seed(view, index) for view in range(8)]
         assert len(set(seeds)) == 8 and all(0 <= seed < 2**32 for seed in seeds)
     assert view_seed(1, 5) == view_seed(1, 5) and view_seed(1, 5) != view_seed(1, 6)
+
+
+def test_an_error_while_caching_stops_the_loader_workers_at_once(tmp_path, monkeypatch):
+    """The augmented views' workers start before view 0: an error there must stop them, even while the
+    traceback (and so the pass's frame) is still held, e.g. by a notebook."""
+    import multiprocessing
+
+    from effitune.training import features
+
+    cache, keys = cached_images(tmp_path, 4, 32, seed=5, shape=(20, 20))
+    backbone, _ = create_backbone("tf_efficientnet_lite0", 3, pretrained=False)
+    network = Network(backbone, (0.5,) * 3, (0.5,) * 3).eval()
+    dataset = ImageDataset(cache, keys, np.zeros(4, dtype=np.int64), build_augmentation("light", 32))
+
+    class BrokenReads:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __iter__(self):
+            raise OSError("Input/output error")
+    monkeypatch.setattr(features, "ImageBatches", BrokenReads)
+    with pytest.raises(OSError, match="Input/output") as caught:
+        compute_activations(network, dataset, [1], tmp_path / "features", views=3, batch_size=2, workers=2,
+                            engine="torch")
+    assert caught.value is not None and multiprocessing.active_children() == []

@@ -120,7 +120,7 @@ def _size_and_sha1(path: str) -> tuple[int, str]:
 
 def _unidentified_detail(path: str) -> str:
     suffix = os.path.splitext(path)[1].lower()
-    if suffix in NEEDS_PLUGIN:
+    if suffix in NEEDS_PLUGIN and suffix not in _registered_extensions():  # else: a broken file, as any other
         return (f"this Pillow cannot decode {suffix} files: convert them to JPEG or PNG, or install "
                 f"{NEEDS_PLUGIN[suffix]} and scan again")
     return "Pillow does not recognise the content as an image"
@@ -172,14 +172,16 @@ def _notes(path: str, header: dict[str, Any]) -> list[str]:
     if expected is not None and content != expected:
         notes.append(f"extension {suffix} but content {header['format']}")
     mode = header["mode"]
-    if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB") and header["transparency"]):
+    if mode in ("L", "RGB") and header["transparency"]:
+        notes.append(f"mode {mode} with a transparent colour key: converted to RGB (transparency over white)")
+    elif mode in _ALPHA_MODES or (mode == "P" and header["transparency"]):
         notes.append(f"mode {mode} converted to RGB (transparency over white)")
     elif mode != "RGB":
         notes.append(f"mode {mode} converted to RGB")
     if header["orientation"] in range(2, 9):
         notes.append(f"EXIF orientation {header['orientation']} applied")
     elif header["orientation"] not in (None, 1):
-        notes.append(f"EXIF orientation {header['orientation']} is not a valid value (1-8): ignored")
+        notes.append(f"invalid EXIF orientation {header['orientation']} (valid: 1-8): ignored")
     return notes
 
 
@@ -347,7 +349,7 @@ class ScanResult:
         """What a user must hear before training on this scan: class folders left out, folders not read."""
         left_out = [f"class {printable(label)!r} has no usable images ({self.rejected_per_class.get(label, 0)} "
                     f"rejected; reasons in {self.records_path}): it is left out. Fix or convert its files, or "
-                    "remove the folder." for label in self.empty_classes]
+                    f"remove its {'rows' if self.layout == 'csv' else 'folder'}." for label in self.empty_classes]
         return left_out + self.warnings
 
     def to_dict(self) -> dict[str, Any]:

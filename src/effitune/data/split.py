@@ -84,57 +84,77 @@ def _rows(records: list[dict], leaders: list[int], members_of: dict[int, list[in
 
 def _respect_layout(records: list[dict], leaders: list[int], members_of: dict[int, list[int]], val: float,
                     seed: int) -> list[dict]:
-    """Keep an existing train/val/test layout; carve val out of train (whole duplicate groups) when it has none."""
+    """Keep an existing train/val/test layout; carve val out of train (whole duplicate groups) when it has none.
+
+    A class with a single distinct train/ image keeps it in train (it gets no val image); groups that
+    also hold val/ or test/ images stay where the layout put them.
+    """
     rows = [_row(r, r["split"]) for r in records]
     trained = {row["label"] for row in rows if row["split"] == "train"}
     untrained = sorted({row["label"] for row in rows} - trained)
     if untrained:
         raise UserError(f"Class {untrained[0]!r} has images in val/ or test/ but none in train/: the model "
                         "could never learn it. Add its training images under train/, or remove it.")
-    if val > 0 and not any(row["split"] == "val" for row in rows):
-        in_train = [g for g in leaders if all(rows[i]["split"] == "train" for i in members_of[g])]
-        labels = _group_labels(records, in_train, members_of)
-        _check_class_sizes(records, labels, val, 0.0, where="train/ ")
-        for leader, part in zip(in_train, _assign(in_train, labels, val, 0.0, seed)):
-            for index in members_of[leader]:
-                rows[index]["split"] = part
+    if val <= 0 or any(row["split"] == "val" for row in rows):
+        return rows
+    in_train = [g for g in leaders if all(rows[i]["split"] == "train" for i in members_of[g])]
+    labels = _group_labels(records, in_train, members_of)
+    counts = Counter(labels)
+    carvable = [(g, label) for g, label in zip(in_train, labels) if counts[label] >= 2]
+    if not carvable:
+        raise UserError("No validation images can be carved out of train/: no class has two distinct training "
+                        "images of its own. Add a val/ folder (one sub-folder per class) or more train/ images.")
+    parts = _assign([g for g, _ in carvable], [label for _, label in carvable], val, 0.0, seed,
+                    what="carve val out of train/ (or add a val/ folder)")
+    for (leader, _), part in zip(carvable, parts):
+        for index in members_of[leader]:
+            rows[index]["split"] = part
     return rows
 
 
-def _assign(items: list[int], labels: list[str], val: float, test: float, seed: int) -> list[str]:
+def _assign(items: list[int], labels: list[str], val: float, test: float, seed: int,
+            what: str = "split") -> list[str]:
     """Two stratified cuts with scikit-learn: test off the whole, then val off the rest."""
     index = np.arange(len(items))
     parts = np.array(["train"] * len(items), dtype=object)
     label_array = np.asarray(labels, dtype=object)
     rest = index
-    if test > 0:
-        rest, test_idx = train_test_split(index, test_size=test, stratify=label_array, random_state=seed)
-        parts[test_idx] = "test"
-    if val > 0:
-        _, val_idx = train_test_split(rest, test_size=val / (1 - test), stratify=label_array[rest],
-                                      random_state=seed)
-        parts[val_idx] = "val"
+    try:
+        if test > 0:
+            rest, test_idx = train_test_split(index, test_size=test, stratify=label_array, random_state=seed)
+            parts[test_idx] = "test"
+        if val > 0:
+            _, val_idx = train_test_split(rest, test_size=val / (1 - test), stratify=label_array[rest],
+                                          random_state=seed)
+            parts[val_idx] = "val"
+    except ValueError as error:  # what the checks before cannot foresee (e.g. more classes than val images)
+        raise UserError(f"Cannot {what} {val:.0%} val / {test:.0%} test by class with {len(items)} distinct "
+                        f"images in {len(set(labels))} classes ({error}). Add images, or change --val/--test.") \
+            from None
     return parts.tolist()
 
 
-def _check_class_sizes(records: list[dict], group_labels: list[str], val: float, test: float,
-                       where: str = "") -> None:
-    """Every class needs enough distinct images (duplicate groups) for each split to get one."""
-    counts = Counter(group_labels)
-    if len(counts) < 2:
-        raise UserError(f"Only one class ({next(iter(counts))!r}) has usable images; a classifier needs at "
+def _check_class_sizes(records: list[dict], group_labels: list[str], val: float, test: float) -> None:
+    """Every class needs enough images for each split to get one, and enough distinct ones (duplicate
+    groups always share a split) for a stratified split to exist at all."""
+    files = Counter(r["label"] for r in records)
+    if len(files) < 2:
+        raise UserError(f"Only one class ({next(iter(files))!r}) has usable images; a classifier needs at "
                         "least two class folders.")
     needed = min_images_per_class(val, test)
-    small = {label: n for label, n in counts.items() if n < needed}
+    small = {label: n for label, n in files.items() if n < needed}
     if small:
-        files = Counter(r["label"] for r in records)
-        listing = ", ".join(f"'{label}' has {n}" + (f" ({files[label]} files, the rest duplicates of these)"
-                                                     if files[label] > n else "")
-                            for label, n in sorted(small.items()))
-        raise UserError(f"Too few distinct images {'in ' + where if where else ''}to split {val:.0%} val / "
-                        f"{test:.0%} test: {listing}; each class needs at least {needed} (duplicates and near "
-                        "duplicates count once: they always share a split). Add images, lower --val/--test, "
-                        "or remove or merge those classes.")
+        listing = ", ".join(f"'{label}' has {n}" for label, n in sorted(small.items()))
+        raise UserError(f"Too few images to split {val:.0%} val / {test:.0%} test: {listing}; each class needs "
+                        f"at least {needed}. Add images, or remove or merge those classes.")
+    distinct = Counter(group_labels)
+    cuts = (val > 0) + (test > 0)
+    few = {label: n for label, n in distinct.items() if n < cuts + 1}
+    if few:
+        listing = ", ".join(f"'{label}' has {n} ({files[label]} files)" for label, n in sorted(few.items()))
+        raise UserError(f"Too few distinct images to split {val:.0%} val / {test:.0%} test: {listing}; exact "
+                        f"and near duplicates count once (they always share a split), and each class needs at "
+                        f"least {cuts + 1}. Add different images of those classes, or remove or merge them.")
 
 
 def _row(record: dict, part: str) -> dict:

@@ -79,8 +79,8 @@ def export_onnx(bundle: str | Path, *, int8: bool = False, fp16: bool = False,
     meta = read_meta(bundle)
     network = load_network(bundle, meta)
     images, described = parity_images(bundle, meta, samples)
+    model, exporter = to_onnx(network, int(meta["preprocessing"]["size"]))  # before TorchEngine: NCHW layout
     reference = run_in_batches(TorchEngine(network), images, 32)
-    model, exporter = to_onnx(network, int(meta["preprocessing"]["size"]))
     add_metadata(model, meta)
     info = {"exporter": exporter, "opset": OPSET, "torch": torch.__version__}
     results = {"onnx": {**write_checked(model, bundle / ONNX_FILES["onnx"], images, reference, "fp32", described),

@@ -33,6 +33,7 @@ from ..models import backbones
 from ..models.network import Network
 
 POOLED = "pooled"
+SEEDING = 2  # how augmented views are seeded (`view_seed`); caches seeded otherwise are computed again
 
 
 def boundary_name(depth: int | None) -> str:
@@ -107,7 +108,7 @@ def images_fingerprint(keys: list[str]) -> str:
 
 def _covers(stored: dict, wanted: dict) -> bool:
     """An earlier result serves when it has the same images and views and at least the wanted cuts."""
-    same = all(stored.get(key) == wanted[key] for key in ("n", "views", "size", "images"))
+    same = all(stored.get(key) == wanted[key] for key in ("n", "views", "size", "images", "seeding"))
     return same and set(wanted["depths"]) <= set(stored.get("depths", []))
 
 
@@ -130,7 +131,7 @@ def compute_activations(network: Network, dataset: ImageDataset, depths: list[in
     folder = Path(folder)
     names = [POOLED] + [boundary_name(d) for d in depths]
     signature = {"n": len(dataset), "views": views, "depths": sorted(depths), "size": dataset.cache.size,
-                 "images": images_fingerprint(dataset.keys)}
+                 "images": images_fingerprint(dataset.keys), "seeding": SEEDING}
     meta_path = folder / "activations.json"
     stored = json.loads(meta_path.read_text()) if meta_path.is_file() else None
     if sharded:
@@ -230,21 +231,26 @@ def _pass_batches(dataset: ImageDataset, rows: range, views: int, on_device: boo
         augmented = iter(torch.utils.data.DataLoader(  # iter() forks the workers now, see above
             source, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_batched,
             prefetch_factor=4 if workers else None))
-    plain_views = range(views) if on_device else range(1)
-    part = ImageDataset(dataset.cache, [dataset.keys[i] for i in rows], dataset.labels[rows.start:rows.stop])
-    for view in plain_views:
-        offset = view * n
-        for images, _ in ImageBatches(part, batch_size, threads=workers, pin=device.startswith("cuda"), rank=0,
-                                      world=1):
-            first = offset - view * n
-            seeds = [view_seed(view, i) for i in rows[first:first + len(images)]] if view > 0 else None
-            yield offset, images, seeds
-            offset += len(images)
-    if augmented is not None:
-        offset = n
-        for images, _ in augmented:
-            yield offset, images, None
-            offset += len(images)
+    try:
+        plain_views = range(views) if on_device else range(1)
+        part = ImageDataset(dataset.cache, [dataset.keys[i] for i in rows], dataset.labels[rows.start:rows.stop])
+        for view in plain_views:
+            offset = view * n
+            for images, _ in ImageBatches(part, batch_size, threads=workers, pin=device.startswith("cuda"),
+                                          rank=0, world=1):
+                first = offset - view * n
+                seeds = [view_seed(view, i) for i in rows[first:first + len(images)]] if view > 0 else None
+                yield offset, images, seeds
+                offset += len(images)
+        if augmented is not None:
+            offset = n
+            for images, _ in augmented:
+                yield offset, images, None
+                offset += len(images)
+    finally:  # an error (or Ctrl-C) anywhere: stop the workers now, not when the traceback is dropped
+        shutdown = getattr(augmented, "_shutdown_workers", None)  # DataLoader's own clean stop
+        if shutdown is not None:
+            shutdown()
 
 
 class _RowWriter:

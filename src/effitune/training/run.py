@@ -283,7 +283,7 @@ def _cached_inputs(network, datamodule, config, paths, depths) -> dict:
         depths = range(1, config.train.max_unfreeze + 1)
     cut_depths = [d for d in depths if 0 < d < network.num_stages]
     device = _device(config)
-    views = config.train.cache_views if config.data.augment != "none" else 1  # unaugmented views are all alike
+    views = cached_views(config)
     console.print(f"caching frozen-prefix activations ({views} view{'s' * (views > 1)}) on {device}...")
     began = time.perf_counter()
     batch = max(128, config.train.batch_size)  # ONNX Runtime on a CPU gains little beyond 128; a GPU wants 256
@@ -296,6 +296,11 @@ def _cached_inputs(network, datamodule, config, paths, depths) -> dict:
     network.to("cpu")
     console.print(f"cached in {time.perf_counter() - began:.0f} s")
     return {"train": train, "val": val}
+
+
+def cached_views(config: Config) -> int:
+    """Views of each training image the caching pass computes: unaugmented views are all alike."""
+    return config.train.cache_views if config.data.augment != "none" else 1
 
 
 def _batch_augment(config: Config, device: str):
