@@ -5,9 +5,12 @@ frozen backbone forward at every step, stage 1 (head, 8 epochs) then stage 2 (th
 conv head, BN frozen, LR x0.1, 12 epochs). Same images, same split (effitune's manifest), same
 backbone and weights, same resolution, one run. effitune runs twice: its defaults (`unfreeze auto`:
 depth 1, 2, 3 in turn while validation improves) and `--unfreeze 3` straight away (the depth the
-plain loop uses; same split and resize-once cache, its own feature cache):
+plain loop uses; same split and resize-once cache, its own feature cache). `--size`, `--depth` and
+`--skip-defaults` give the issue's own setting (224 px, the last block); `--extra-test` scores every
+model on a further held-out folder; `--patience` sets effitune's stage-2 early stopping:
 
     python benchmarks/time_to_accuracy.py --data demo/fashion-mnist --out /tmp/tta
+    python benchmarks/time_to_accuracy.py --data D --out /tmp/tta224 --size 224 --depth 1 --skip-defaults --extra-test E
 """
 from __future__ import annotations
 
@@ -144,16 +147,21 @@ def main() -> None:
     parser.add_argument("--extra-test", type=Path, default=None,
                         help="a further held-out folder (one sub-folder per class, disjoint from --data) that "
                              "every model is also scored on: a tighter accuracy comparison than the test split")
+    parser.add_argument("--patience", type=int, default=None,
+                        help="effitune's stage-2 early-stopping patience (default: the config's, 3); "
+                             "the plain loop's --epochs2 gives every epoch budget without early stopping")
     parser.add_argument("--skip-defaults", action="store_true",
                         help="run only effitune --unfreeze DEPTH and the plain loop (no `unfreeze auto` run)")
     args = parser.parse_args()
     os.environ.setdefault("EFFITUNE_CACHE", str(args.out / "cache"))
-    size = {"data.image_size": args.size} if args.size else {}
-    depth_overrides = {**size, "train.unfreeze": str(args.depth)}
+    overrides = {"data.image_size": args.size} if args.size else {}
+    if args.patience is not None:
+        overrides["train.stage2.patience"] = args.patience
+    depth_overrides = {**overrides, "train.unfreeze": str(args.depth)}
     runs, source = {}, {"data": args.data}
     if not args.skip_defaults:
         run, runs["effitune"] = effitune_run(args.out / "run", data=args.data,
-                                             config=effitune.load_config(overrides=size))
+                                             config=effitune.load_config(overrides=overrides))
         source = {"manifest": run.run_dir / "manifest.csv"}
     run, runs[f"effitune_unfreeze{args.depth}"] = effitune_run(
         args.out / f"run-unfreeze{args.depth}", config=effitune.load_config(overrides=depth_overrides), **source)
