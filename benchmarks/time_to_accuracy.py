@@ -129,10 +129,9 @@ def effitune_run(out: Path, **kwargs) -> tuple:
     """One `effitune.train` end to end (scan or manifest, caches, phases, calibration, report), timed."""
     started = time.perf_counter()
     run = effitune.train(out=out, progress=False, **kwargs)
-    meta = json.loads((run.bundle / "effitune.json").read_text())
     return run, {"wall_seconds": round(time.perf_counter() - started, 1), "test_accuracy": run.metrics["accuracy"],
                  "train_seconds": run.metrics["train_seconds"],  # scan, split, resize and feature caches, phases
-                 "phases": {p["phase"]: p["seconds"] for p in meta["phases"]}}
+                 "phases": {p["phase"]: p["seconds"] for p in run.phases}}
 
 
 def main() -> None:
@@ -158,19 +157,20 @@ def main() -> None:
     if args.patience is not None:
         overrides["train.stage2.patience"] = args.patience
     depth_overrides = {**overrides, "train.unfreeze": str(args.depth)}
-    runs, source = {}, {"data": args.data}
+    runs, bundles, source = {}, {}, {"data": args.data}
     if not args.skip_defaults:
         run, runs["effitune"] = effitune_run(args.out / "run", data=args.data,
                                              config=effitune.load_config(overrides=overrides))
-        source = {"manifest": run.run_dir / "manifest.csv"}
-    run, runs[f"effitune_unfreeze{args.depth}"] = effitune_run(
-        args.out / f"run-unfreeze{args.depth}", config=effitune.load_config(overrides=depth_overrides), **source)
+        bundles["effitune"], source = run.bundle, {"manifest": run.run_dir / "manifest.csv"}
+    name = f"effitune_unfreeze{args.depth}"
+    run, runs[name] = effitune_run(args.out / f"run-unfreeze{args.depth}",
+                                   config=effitune.load_config(overrides=depth_overrides), **source)
+    bundles[name] = run.bundle
     meta = json.loads((run.bundle / "effitune.json").read_text())
     rows = read_manifest(run.run_dir / "manifest.csv")
     extra = labelled_files(args.extra_test, meta["classes"])
     for name in runs if extra else ():
-        runs[name]["extra_test_accuracy"] = bundle_accuracy(args.out / ("run" if name == "effitune" else
-                                                                       f"run-unfreeze{args.depth}") / "model", extra)
+        runs[name]["extra_test_accuracy"] = bundle_accuracy(bundles[name], extra)
     result = {"machine": f"{os.cpu_count()} cores", "size": meta["preprocessing"]["size"], **runs,
               "extra_test_images": len(extra),
               "plain_loop": plain_loop(rows, meta["classes"], meta["preprocessing"]["size"], args.epochs1,

@@ -43,15 +43,17 @@ def split_records(records: list[dict], *, val: float = 0.15, test: float = 0.15,
         raise UserError(f"{given} of {len(records)} images have a split and the others none (e.g. {missing}). "
                         "Give every row of the CSV a split (train, val or test), or leave the column empty "
                         "to let effitune split.")
-    leaders, members_of = _duplicate_groups(records, groups)
+    leaders, members_of = _groups_by_leader(records, groups)
     if given:
         return _respect_layout(records, leaders, members_of, val, seed)
     labels = _group_labels(records, leaders, members_of)
     _check_class_sizes(records, labels, val, test)
-    return _rows(records, leaders, members_of, _assign(leaders, labels, val, test, seed))
+    rows = [_row(record, "train") for record in records]
+    _set_splits(rows, leaders, members_of, _assign(leaders, labels, val, test, seed))
+    return rows
 
 
-def _duplicate_groups(records: list[dict], groups) -> tuple[list[int], dict[int, list[int]]]:
+def _groups_by_leader(records: list[dict], groups) -> tuple[list[int], dict[int, list[int]]]:
     """(leaders, members of each leader): a group is led by its member with the smallest path, and
     leaders come in path order, so the split does not depend on the order the files were found in."""
     group_of = list(range(len(records)))
@@ -74,12 +76,11 @@ def _group_labels(records: list[dict], leaders: list[int], members_of: dict[int,
     return labels
 
 
-def _rows(records: list[dict], leaders: list[int], members_of: dict[int, list[int]], parts: list[str]) -> list[dict]:
-    rows = [None] * len(records)
+def _set_splits(rows: list[dict], leaders: list[int], members_of: dict[int, list[int]], parts: list[str]) -> None:
+    """Every member of a group gets its leader's split."""
     for leader, part in zip(leaders, parts):
         for index in members_of[leader]:
-            rows[index] = _row(records[index], part)
-    return rows  # type: ignore[return-value]
+            rows[index]["split"] = part
 
 
 def _respect_layout(records: list[dict], leaders: list[int], members_of: dict[int, list[int]], val: float,
@@ -104,11 +105,9 @@ def _respect_layout(records: list[dict], leaders: list[int], members_of: dict[in
     if not carvable:
         raise UserError("No validation images can be carved out of train/: no class has two distinct training "
                         "images of its own. Add a val/ folder (one sub-folder per class) or more train/ images.")
-    parts = _assign([g for g, _ in carvable], [label for _, label in carvable], val, 0.0, seed,
-                    what="carve val out of train/ (or add a val/ folder)")
-    for (leader, _), part in zip(carvable, parts):
-        for index in members_of[leader]:
-            rows[index]["split"] = part
+    leaders, labels = [g for g, _ in carvable], [label for _, label in carvable]
+    _set_splits(rows, leaders, members_of, _assign(leaders, labels, val, 0.0, seed,
+                                                   what="carve val out of train/ (or add a val/ folder)"))
     return rows
 
 

@@ -126,11 +126,15 @@ def seeded_uniforms(seeds, count: int) -> np.ndarray:
     main thread of a GPU caching pass. SplitMix64's output passes BigCrush; only the top 24 bits are used.
     """
     state = np.asarray(seeds, dtype=np.uint64)[:, None] * np.uint64(count) + np.arange(count, dtype=np.uint64)
-    state = state * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x9E3779B97F4A7C15)  # wraps modulo 2**64
+    return (splitmix64(state) >> np.uint64(40)).astype(np.float32) / np.float32(2 ** 24)
+
+
+def splitmix64(values: np.ndarray) -> np.ndarray:
+    """SplitMix64 of each uint64 value (its output passes BigCrush): distinct inputs, unrelated outputs."""
+    state = values * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x9E3779B97F4A7C15)  # wraps modulo 2**64
     state = (state ^ (state >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     state = (state ^ (state >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    state ^= state >> np.uint64(31)
-    return (state >> np.uint64(40)).astype(np.float32) / np.float32(2 ** 24)
+    return state ^ (state >> np.uint64(31))
 
 
 def to_chw(image_hwc) -> torch.Tensor:

@@ -29,6 +29,7 @@ from .. import distributed
 from ..data import rowio
 from ..data.batches import ImageBatches, pad_batch
 from ..data.datamodule import ImageDataset, collate_batched
+from ..data.transforms import splitmix64
 from ..models import backbones
 from ..models.network import Network
 
@@ -235,13 +236,12 @@ def _pass_batches(dataset: ImageDataset, rows: range, views: int, on_device: boo
         plain_views = range(views) if on_device else range(1)
         part = ImageDataset(dataset.cache, [dataset.keys[i] for i in rows], dataset.labels[rows.start:rows.stop])
         for view in plain_views:
-            offset = view * n
+            first = 0  # of the images in `rows`
             for images, _ in ImageBatches(part, batch_size, threads=workers, pin=device.startswith("cuda"),
                                           rank=0, world=1):
-                first = offset - view * n
                 seeds = [view_seed(view, i) for i in rows[first:first + len(images)]] if view > 0 else None
-                yield offset, images, seeds
-                offset += len(images)
+                yield view * n + first, images, seeds
+                first += len(images)
         if augmented is not None:
             offset = n
             for images, _ in augmented:
@@ -307,11 +307,7 @@ def view_seed(view: int, index: int) -> int:
     A SplitMix64 hash of (view, index) cut to 32 bits: torch's CPU generator keeps only the low 32 bits
     of a seed, so a plain `view * 2**32 + index` gave every view of an image the same augmentation.
     """
-    mask = 2**64 - 1
-    state = (((1000 + view) << 32 | index) * 0x9E3779B97F4A7C15 + 0x9E3779B97F4A7C15) & mask
-    state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & mask
-    return (state ^ (state >> 31)) >> 32
+    return int(splitmix64(np.array([(1000 + view) << 32 | index], dtype=np.uint64))[0] >> np.uint64(32))
 
 
 class _SeededViews(torch.utils.data.Dataset):
