@@ -7,10 +7,13 @@ backbone and weights, same resolution, one run. effitune runs twice: its default
 depth 1, 2, 3 in turn while validation improves) and `--unfreeze 3` straight away (the depth the
 plain loop uses; same split and resize-once cache, its own feature cache). `--size`, `--depth` and
 `--skip-defaults` give the issue's own setting (224 px, the last block); `--extra-test` scores every
-model on a further held-out folder; `--patience` sets effitune's stage-2 early stopping:
+model on a further held-out folder; `--patience` sets effitune's stage-2 early stopping;
+`--manifest` (an earlier run's manifest.csv) and `--skip-plain` time effitune again on the same split
+alone, to set beside an earlier run's plain loop:
 
     python benchmarks/time_to_accuracy.py --data demo/fashion-mnist --out /tmp/tta
     python benchmarks/time_to_accuracy.py --data D --out /tmp/tta224 --size 224 --depth 1 --skip-defaults --extra-test E
+    python benchmarks/time_to_accuracy.py --data D --manifest /tmp/tta224/run-unfreeze1/manifest.csv --skip-plain ...
 """
 from __future__ import annotations
 
@@ -149,6 +152,9 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=None,
                         help="effitune's stage-2 early-stopping patience (default: the config's, 3); "
                              "the plain loop's --epochs2 gives every epoch budget without early stopping")
+    parser.add_argument("--manifest", type=Path, default=None,
+                        help="start effitune from this manifest.csv (an earlier run's split) instead of scanning --data")
+    parser.add_argument("--skip-plain", action="store_true", help="time effitune only (no plain loop)")
     parser.add_argument("--skip-defaults", action="store_true",
                         help="run only effitune --unfreeze DEPTH and the plain loop (no `unfreeze auto` run)")
     args = parser.parse_args()
@@ -157,10 +163,11 @@ def main() -> None:
     if args.patience is not None:
         overrides["train.stage2.patience"] = args.patience
     depth_overrides = {**overrides, "train.unfreeze": str(args.depth)}
-    runs, bundles, source = {}, {}, {"data": args.data}
+    runs, bundles = {}, {}
+    source = {"manifest": args.manifest} if args.manifest else {"data": args.data}
     if not args.skip_defaults:
-        run, runs["effitune"] = effitune_run(args.out / "run", data=args.data,
-                                             config=effitune.load_config(overrides=overrides))
+        run, runs["effitune"] = effitune_run(args.out / "run", config=effitune.load_config(overrides=overrides),
+                                             **source)
         bundles["effitune"], source = run.bundle, {"manifest": run.run_dir / "manifest.csv"}
     name = f"effitune_unfreeze{args.depth}"
     run, runs[name] = effitune_run(args.out / f"run-unfreeze{args.depth}",
@@ -172,11 +179,12 @@ def main() -> None:
     for name in runs if extra else ():
         runs[name]["extra_test_accuracy"] = bundle_accuracy(bundles[name], extra)
     result = {"machine": f"{os.cpu_count()} cores", "size": meta["preprocessing"]["size"], **runs,
-              "extra_test_images": len(extra),
-              "plain_loop": plain_loop(rows, meta["classes"], meta["preprocessing"]["size"], args.epochs1,
-                                       args.epochs2, args.depth, extra)}
-    for name in runs:
-        result[f"plain_over_{name}_wall"] = round(result["plain_loop"]["wall_seconds"] / result[name]["wall_seconds"], 2)
+              "extra_test_images": len(extra)}
+    if not args.skip_plain:
+        result["plain_loop"] = plain_loop(rows, meta["classes"], meta["preprocessing"]["size"], args.epochs1,
+                                          args.epochs2, args.depth, extra)
+        for name in runs:
+            result[f"plain_over_{name}_wall"] = round(result["plain_loop"]["wall_seconds"] / result[name]["wall_seconds"], 2)
     print(json.dumps(result, indent=1))
     (args.out / "result.json").write_text(json.dumps(result, indent=1))
 

@@ -80,18 +80,23 @@ def available_cores() -> int:
 
 
 class OnnxEngine:
-    """Runs an exported graph (`effitune export`) with ONNX Runtime on the CPU: same `run` as TorchEngine."""
+    """Runs an exported graph (`effitune export`) with ONNX Runtime on the CPU: same `run` as TorchEngine.
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    `model`: the .onnx file, or the serialized graph itself (bytes: nothing written to disk).
+    """
+
+    def __init__(self, model: str | Path | bytes, threads: int | None = None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or available_cores()  # one request uses every core
         options.inter_op_num_threads = 1  # a chain of convs has no parallel branches to spread over
         options.log_severity_level = 3
-        self.path = Path(path)
-        self.name = next((b for b, f in ONNX_FILES.items() if f == self.path.name), "onnx")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        in_memory = isinstance(model, bytes)
+        self.path = None if in_memory else Path(model)
+        self.name = "onnx" if in_memory else next((b for b, f in ONNX_FILES.items() if f == self.path.name), "onnx")
+        self.session = ort.InferenceSession(model if in_memory else str(model), options,
+                                            providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
         shape = next((o.shape for o in self.session.get_outputs() if o.name == "features"), None)
         self.feature_width = shape[-1] if shape and isinstance(shape[-1], int) else None

@@ -129,3 +129,23 @@ def test_training_curves_mark_every_phase():
     assert len(boundaries) == 2  # two phase starts after the first
     assert {t.get_text() for t in loss_axis.texts} == {"stage1", "depth1", "depth2"}
     assert plots.png(figure)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_handed_over_pass_is_used_only_when_it_covers_the_rows(run, tmp_path, monkeypatch):
+    from effitune.evaluate import report
+    from effitune.predict import Predictor
+
+    rows, _ = report.labelled_rows(run / "manifest.csv")
+    logits, features = report.embed(Predictor(run / "model"), rows)
+    paths = [row["path"] for row in rows]
+    calls = []
+    original = report.embed
+    monkeypatch.setattr(report, "embed", lambda *a, **k: calls.append(1) or original(*a, **k))
+    wrong = -logits  # every prediction changes: the report shows which logits it read
+    write_report(run / "model", out=tmp_path / "handed", embedded=report.Embedded(paths, wrong, features))
+    handed = json.loads((tmp_path / "handed" / "report.json").read_text())
+    assert not calls and handed["metrics"]["accuracy"] < json.loads((run / "metrics.json").read_text())["accuracy"]
+    write_report(run / "model", out=tmp_path / "other", embedded=report.Embedded(paths[::-1], wrong, features))
+    other = json.loads((tmp_path / "other" / "report.json").read_text())  # other rows: computed afresh
+    assert calls == [1] and other["metrics"]["accuracy"] == pytest.approx(
+        json.loads((run / "metrics.json").read_text())["accuracy"])

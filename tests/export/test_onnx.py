@@ -162,3 +162,35 @@ def test_fp16_keeps_float32_inputs_and_passes_its_gate(exported_run, reuse_graph
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert Predictor(bundle, backend="fp16").logits(images(2)).dtype == np.float32
     assert set(bundles.read_meta(bundle)["export"]) == {"onnx", "fp16"}
+
+
+def test_in_memory_engine_reproduces_pytorch_and_leaves_the_network_alone(exported_run):
+    from effitune.predict import TorchEngine, load_network, run_in_batches
+
+    network = load_network(exported_run)
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    images = np.random.default_rng(1).integers(0, 256, (12, SIZE, SIZE, 3), dtype=np.uint8)
+    engine = onnx_export.in_memory_engine(network, images)
+    assert engine is not None and engine.path is None and not list(exported_run.parent.rglob("*.tmp"))
+    assert all(torch.equal(before[k], v) for k, v in network.state_dict().items())
+    expected = run_in_batches(TorchEngine(network), images, 4)
+    got = engine.run(images)
+    np.testing.assert_allclose(got[0], expected[0], atol=1e-3)
+    np.testing.assert_allclose(got[1], expected[1], atol=1e-3)
+
+
+@pytest.mark.parametrize("failure", ["export", "logits", "features"])
+def test_in_memory_engine_gives_way_to_pytorch_with_a_warning(exported_run, monkeypatch, failure):
+    from effitune.predict import load_network
+
+    if failure == "export":
+        monkeypatch.setattr(onnx_export, "torchscript_onnx", lambda *a: b"not an onnx graph")
+    elif failure == "logits":
+        monkeypatch.setattr(onnx_export, "TOLERANCES", {"fp32": onnx_export.Tolerance(-1.0, 1.0)})
+    else:  # logits agree, the features (what the unknown-image statistics read) do not
+        check = onnx_export.check_parity
+        monkeypatch.setattr(onnx_export, "check_parity",
+                            lambda *a: {**check(*a), "max_abs_feature_diff": 1.0})
+    images = np.zeros((4, SIZE, SIZE, 3), np.uint8)
+    with pytest.warns(UserWarning, match="PyTorch instead of ONNX Runtime"):
+        assert onnx_export.in_memory_engine(load_network(exported_run), images) is None

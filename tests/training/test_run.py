@@ -13,6 +13,12 @@ def state(**scores):
     return {"done": done, "best": max(done, key=lambda k: done[k]["val_acc"])}
 
 
+def tiny_cpu_config() -> Config:
+    """One epoch per phase at 32 px, on the CPU (the pass after the phases differs on a GPU)."""
+    return load_config(overrides={"data.image_size": 32, "train.unfreeze": "1", "train.stage1.epochs": 1,
+                                  "train.stage2.epochs": 1, "train.accelerator": "cpu"})
+
+
 def test_auto_goes_deeper_while_improving_with_one_retry():
     config, now = Config(), time.perf_counter()
     assert not _should_stop_deeper(Phase(2), state(stage1=0.80, d1=0.85), config, now)
@@ -73,3 +79,55 @@ def test_without_augmentation_one_view_is_cached(tiny_dataset_module, tmp_path):
     run = train(tiny_dataset_module, out=tmp_path / "run", config=config, cache_root=tmp_path / "cache",
                 progress=False, finish=False)
     assert np.load(run.run_dir / "features" / "train" / "pooled.npy", mmap_mode="r").shape[0] == 1
+
+
+def test_the_network_sees_each_image_once_after_training(tiny_dataset_module, tmp_path, monkeypatch):
+    """Calibration, the unknown-image score, the test split and the report share one pass over the manifest
+    (they made three: val, a train sample and test, then every image again for the report), on a CPU in
+    ONNX Runtime after a parity check on a few val images in PyTorch."""
+    from effitune.evaluate import report
+    from effitune.predict import OnnxEngine, TorchEngine
+
+    seen = {"torch": [], "onnx": []}
+    for name, engine in (("torch", TorchEngine), ("onnx", OnnxEngine)):
+        monkeypatch.setattr(engine, "run", lambda self, images, run=engine.run, name=name:
+                            seen[name].append(len(images)) or run(self, images))
+    monkeypatch.setattr(report, "embed", lambda *a, **k: (_ for _ in ()).throw(AssertionError("embedded again")))
+    result = train(tiny_dataset_module, out=tmp_path / "run", config=tiny_cpu_config(), cache_root=tmp_path / "cache",
+                   progress=False)
+    assert result.report is not None  # a failing report only warns: None would mean it embedded again
+    rows = len((result.run_dir / "manifest.csv").read_text().splitlines()) - 1
+    parity = sum(seen["torch"])  # the images of the parity check: PyTorch's reference, then ONNX Runtime
+    assert 0 < parity <= 32 and sum(seen["onnx"]) == rows + parity  # every image once, none twice
+
+
+def test_without_onnx_the_pass_runs_in_pytorch_and_the_run_finishes(tiny_dataset_module, tmp_path, monkeypatch):
+    """onnx/onnxruntime are the optional `effitune[export]`: a plain install must still train to a bundle."""
+    import sys
+
+    from effitune.predict import TorchEngine
+
+    monkeypatch.setitem(sys.modules, "effitune.export.onnx", None)  # `import` now raises ImportError
+    seen = []
+    monkeypatch.setattr(TorchEngine, "run", lambda self, images, run=TorchEngine.run:
+                        seen.append(len(images)) or run(self, images))
+    result = train(tiny_dataset_module, out=tmp_path / "run", config=tiny_cpu_config(), cache_root=tmp_path / "cache",
+                   progress=False)
+    assert (result.bundle / "effitune.json").is_file() and result.report is not None
+    assert sum(seen) == len((result.run_dir / "manifest.csv").read_text().splitlines()) - 1
+
+
+def test_onnx_runtime_failing_mid_pass_costs_time_not_the_run(tiny_dataset_module, tmp_path, monkeypatch):
+    import pytest
+
+    from effitune.export import onnx as onnx_export
+
+    class Failing:
+        def run(self, images):
+            raise RuntimeError("ORT went away")
+
+    monkeypatch.setattr(onnx_export, "in_memory_engine", lambda network, images: Failing())
+    with pytest.warns(UserWarning, match="ORT went away.*PyTorch"):
+        result = train(tiny_dataset_module, out=tmp_path / "run", config=tiny_cpu_config(),
+                       cache_root=tmp_path / "cache", progress=False)
+    assert (result.bundle / "effitune.json").is_file() and "accuracy" in result.metrics

@@ -125,9 +125,11 @@ class ImageDataModule(L.LightningDataModule):
         self.augment, self.balance, self.seed = augment, balance, seed
         self.workers = default_workers() if workers is None else workers
         index = {name: i for i, name in enumerate(classes)}
-        self.parts = {}
+        self.keys = keys  # every row's cache key, in the order of `rows`
+        self.parts, self.positions = {}, {}  # per split: (keys, labels), and the rows' positions in `rows`
         for part in ("train", "val", "test"):
             chosen = [i for i, row in enumerate(rows) if row["split"] == part]
+            self.positions[part] = np.array(chosen, dtype=np.int64)
             self.parts[part] = ([keys[i] for i in chosen], np.array([index[rows[i]["label"]] for i in chosen],
                                                                     dtype=np.int64))
 

@@ -72,6 +72,18 @@ def _is_manifest(path: Path) -> bool:
         return "split" in stream.readline()
 
 
+@dataclass(frozen=True)
+class Embedded:
+    """(logits, features) the bundle's network already gave for `paths`: training hands its pass over."""
+    paths: list[str]
+    logits: np.ndarray
+    features: np.ndarray
+
+    def covers(self, rows: Sequence[dict]) -> bool:
+        return len(rows) == len(self.paths) and all(
+            os.path.normpath(row["path"]) == os.path.normpath(path) for row, path in zip(rows, self.paths))
+
+
 def embed(predictor, rows: Sequence[dict], cache: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(logits, pooled features) for every row, `_CHUNK` images in RAM at a time.
 
@@ -164,11 +176,12 @@ def split_table(rows: Sequence[dict]) -> dict[str, dict[str, int]]:
 
 # ---------------------------------------------------------------------------------- the report
 def write_report(bundle: str | Path, data: str | Path | None = None, out: str | Path | None = None, *,
-                 device: str = "cpu", cache: str | Path | None = None) -> Path:
+                 device: str = "cpu", cache: str | Path | None = None, embedded: Embedded | None = None) -> Path:
     """Write report.html, report.json and the figures as PNG; return the path of report.html.
 
     `data`: a DATA folder, CSV or manifest.csv (default: the run's `manifest.csv` beside the bundle).
     `out`: default `RUN/report` beside the bundle. `cache`: an ImageCache root to reuse resized images.
+    `embedded`: this bundle's outputs for the data's rows, when already computed (else computed here).
     """
     from ..predict import Predictor
     from .calibration import reliability
@@ -186,7 +199,10 @@ def write_report(bundle: str | Path, data: str | Path | None = None, out: str | 
     rows, records = labelled_rows(data)
     predictor = Predictor(bundle, device=device)
     classes, temperature = predictor.classes, predictor.temperature
-    logits, features = embed(predictor, rows, cache=cache)
+    if embedded is not None and embedded.covers(rows):
+        logits, features = embedded.logits, embedded.features
+    else:
+        logits, features = embed(predictor, rows, cache=cache)
     features = features[:, :predictor.pooled_dim]  # the audit reads the pooled features
     evaluation = evaluate_rows(rows, logits, classes, temperature)
     paths = [row["path"] for row in rows]
@@ -218,7 +234,8 @@ def write_report(bundle: str | Path, data: str | Path | None = None, out: str | 
     return _write_atomic(out / "report.html", render_html(summary, figures))
 
 
-def report_after_training(run_dir: str | Path, *, device: str = "cpu", cache: str | Path | None = None) -> Path | None:
+def report_after_training(run_dir: str | Path, *, device: str = "cpu", cache: str | Path | None = None,
+                          embedded: Embedded | None = None) -> Path | None:
     """The end of `train()`: the bundle is already in place, so a failing report warns and nothing is lost."""
     import warnings
 
@@ -226,7 +243,7 @@ def report_after_training(run_dir: str | Path, *, device: str = "cpu", cache: st
 
     run_dir = Path(run_dir)
     try:
-        path = write_report(run_dir / "model", out=run_dir / "report", device=device, cache=cache)
+        path = write_report(run_dir / "model", out=run_dir / "report", device=device, cache=cache, embedded=embedded)
     except Exception as error:  # noqa: BLE001 - the report is a view of the model, never worth the model
         warnings.warn(f"The training report was not written ({type(error).__name__}: {error}). The model bundle "
                       f"is complete; try again with `effitune report {run_dir / 'model'}`.", stacklevel=2)

@@ -13,6 +13,7 @@ exporter remains the fallback if it fails.
 """
 from __future__ import annotations
 
+import copy
 import io
 import json
 import uuid
@@ -115,12 +116,46 @@ def to_onnx(network: Network, size: int) -> tuple[onnx.ModelProto, str]:
     except Exception as error:  # noqa: BLE001 - any failure of the new exporter -> the proven one
         warnings.warn(f"the dynamo ONNX exporter failed ({type(error).__name__}: {error}); using the legacy "
                       "TorchScript exporter", stacklevel=2)
+    return onnx.load_from_string(torchscript_onnx(network, size)), "torchscript"
+
+
+def torchscript_onnx(network: Network, size: int) -> bytes:
+    """The graph from the legacy TorchScript exporter: ~0.4 s for lite0, with dynamic "SAME" padding."""
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(module, example, buffer, dynamo=False, input_names=[INPUT], output_names=list(OUTPUTS),
-                          dynamic_axes={name: {0: "batch"} for name in (INPUT, *OUTPUTS)}, opset_version=OPSET)
-    return onnx.load_from_string(buffer.getvalue()), "torchscript"
+        torch.onnx.export(LogitsAndFeatures(network).eval(), (torch.rand(2, 3, size, size),), buffer, dynamo=False,
+                          input_names=[INPUT], output_names=list(OUTPUTS), opset_version=OPSET,
+                          dynamic_axes={name: {0: "batch"} for name in (INPUT, *OUTPUTS)})
+    return buffer.getvalue()
+
+
+def in_memory_engine(network: Network, images: np.ndarray) -> OnnxEngine | None:
+    """`network` in ONNX Runtime, exported in memory (no file), for one long pass over many images on a CPU.
+
+    Training's pass over every image after the phases uses it: 1.7-2.3x PyTorch eager for lite0 at
+    96-224 px, export and check included (docs/benchmarks.md). None, with a warning, when the export
+    or a first run fails, or when ONNX Runtime does not reproduce PyTorch on `images` (logits and
+    features, within `effitune export`'s fp32 tolerance); the caller then keeps PyTorch.
+    """
+    try:
+        network = copy.deepcopy(network).cpu().eval().to(memory_format=torch.contiguous_format)  # caller's stays
+        engine = OnnxEngine(torchscript_onnx(network, int(images.shape[1])))
+        reference = run_in_batches(TorchEngine(network), images, 32)
+        parity = check_parity(engine, images, reference, TOLERANCES["fp32"])
+    except Exception as error:  # noqa: BLE001 - an exporter or runtime gap costs speed, never the result
+        _slower(f"the ONNX export failed ({type(error).__name__}: {error})")
+        return None
+    allowed = parity["tolerance"]["allowed_max_abs_logit_diff"]
+    if not parity["passed"] or parity["max_abs_feature_diff"] > allowed:
+        _slower(f"ONNX Runtime differs from PyTorch by up to {parity['max_abs_logit_diff']:.1e} in the logits and "
+                f"{parity['max_abs_feature_diff']:.1e} in the features (allowed {allowed:.0e})")
+        return None
+    return engine
+
+
+def _slower(reason: str) -> None:
+    warnings.warn(f"running in PyTorch instead of ONNX Runtime (slower, same results): {reason}", stacklevel=3)
 
 
 def add_metadata(model: onnx.ModelProto, meta: dict) -> None:

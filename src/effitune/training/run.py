@@ -34,7 +34,7 @@ from ..data.cache import ImageCache
 from ..data.datamodule import ActivationDataset, ImageDataModule, class_weights, collate_batched
 from ..data.split import manifest_hash, manifest_order, read_manifest, split_counts, split_records, write_manifest
 from ..errors import UserError
-from ..evaluate.report import report_after_training
+from ..evaluate.report import Embedded, report_after_training
 from ..models.backbones import create_backbone, feature_dim
 from ..models.network import Network
 from .callbacks import HistoryWriter, SetEpoch
@@ -137,9 +137,11 @@ def train(data: str | Path | None = None, *, out: str | Path = "runs/run", confi
                            phase_log)
     if not distributed.is_main():  # rank 0 alone evaluates and writes the bundle; this rank is done
         return TrainResult(paths.root, paths.model, {}, phase_log)
-    metrics = _evaluate_and_bundle(network, datamodule, config, paths, classes, weight_source, phase_log,
-                                   started, unknown_dir, trained)
-    report = report_after_training(paths.root, device=_device(config), cache=cache.folder.parent)  # never raises
+    metrics, (logits, features) = _evaluate_and_bundle(network, datamodule, config, paths, classes, weight_source,
+                                                       phase_log, started, unknown_dir, trained)
+    embedded = Embedded([row["path"] for row in rows], logits, features)  # the report reuses the pass
+    report = report_after_training(paths.root, device=_device(config), cache=cache.folder.parent,
+                                   embedded=embedded)  # never raises
     return TrainResult(paths.root, paths.model, metrics, phase_log, report)
 
 
@@ -421,16 +423,46 @@ def _write_state(paths: RunPaths, state: dict) -> None:
 
 # --- test split and bundle ----------------------------------------------------------------------
 
-def predict_cached(predictor, cache: ImageCache, keys: list[str], chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, features) for cached images, `chunk` images in RAM at a time."""
-    parts = [predictor.run(cache.stack(keys[i:i + chunk])) for i in range(0, len(keys), chunk)]
+def predict_cached(engine, cache: ImageCache, keys: list[str], chunk: int = 512,
+                   batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, features) of an engine (predict.TorchEngine, OnnxEngine) for cached images, `chunk` in RAM at a time."""
+    from ..predict import run_in_batches
+
+    parts = [run_in_batches(engine, cache.stack(keys[i:i + chunk]), batch_size) for i in range(0, len(keys), chunk)]
     if not parts:
-        return predictor.run(np.zeros((0, cache.size, cache.size, 3), np.uint8))
+        return engine.run(np.zeros((0, cache.size, cache.size, 3), np.uint8))
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
+def _pass_over_every_image(predictor, datamodule: ImageDataModule, device: str) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, features) of every manifest row: on a CPU in ONNX Runtime when it reproduces PyTorch
+    (on 32 val images, else train images), else, and on a GPU, in PyTorch on the training device."""
+    engine = predictor.engine
+    if device == "cpu":
+        try:
+            from ..export.onnx import in_memory_engine
+        except ImportError:  # no `effitune[export]`: PyTorch gives the same values, only slower
+            console.print("[dim]evaluating in PyTorch; `pip install 'effitune[export]'` makes this pass ~2x faster[/]")
+        else:
+            sample = datamodule.cache.stack((datamodule.parts["val"][0] or datamodule.keys)[:32])
+            engine = in_memory_engine(predictor.network, sample) or engine
+    try:
+        return predict_cached(engine, datamodule.cache, datamodule.keys)
+    except Exception as error:  # noqa: BLE001 - ONNX Runtime failing mid-pass costs time, never the run
+        if engine is predictor.engine:
+            raise
+        warnings.warn(f"ONNX Runtime failed during the pass ({type(error).__name__}: {error}); running it in "
+                      "PyTorch (slower, same results)", stacklevel=2)
+        return predict_cached(predictor.engine, datamodule.cache, datamodule.keys)
+
+
 def _evaluate_and_bundle(network, datamodule, config, paths, classes, weight_source, phase_log, started,
-                         unknown_dir=None, train_seconds: float | None = None) -> dict:
+                         unknown_dir=None, train_seconds: float | None = None) -> tuple[dict, tuple]:
+    """Calibrate, fit the unknown-image score, test, write the bundle; return (metrics, (logits, features)).
+
+    The network sees every manifest row once, in manifest order: calibration (val), the unknown-image
+    statistics (a train sample), the test metrics and the report after training all read that pass.
+    """
     from ..evaluate.calibration import fit_temperature, reliability
     from ..evaluate.metrics import classification_metrics
     from ..predict import Predictor, softmax
@@ -447,19 +479,21 @@ def _evaluate_and_bundle(network, datamodule, config, paths, classes, weight_sou
     }
     staging = paths.root / "model.staging"
     bundles.save_bundle(staging, network.state_dict(), meta, extra_files={"history.csv": paths.history})
-    predictor = Predictor(staging)
-    val_logits, val_features = predict_cached(predictor, datamodule.cache, datamodule.parts["val"][0])
+    predictor = Predictor(staging, device=_device(config))
+    logits, features = _pass_over_every_image(predictor, datamodule, _device(config))
+    by_split = {name: (logits[at], features[at]) for name, at in datamodule.positions.items() if name != "train"}
+    val_logits, val_features = by_split["val"]
     val_labels = datamodule.labels("val")
     temperature = fit_temperature(val_logits, val_labels)
     calibration = {"temperature": temperature,
                    "val_ece_before": reliability(softmax(val_logits), val_labels)["ece"] if len(val_labels) else None,
                    "val_ece_after": reliability(softmax(val_logits, temperature), val_labels)["ece"]
                    if len(val_labels) else None}
-    _fit_unknown(predictor, datamodule, config, staging, temperature, (val_logits, val_features), unknown_dir)
+    _fit_unknown(predictor, datamodule, config, staging, temperature, features, by_split["val"], unknown_dir)
     keys, labels = datamodule.parts["test"]
     metrics = {}
     if len(keys):
-        test_logits, test_features = predict_cached(predictor, datamodule.cache, keys)
+        test_logits, test_features = by_split["test"]
         metrics = classification_metrics(softmax(test_logits, temperature), labels, classes)
         metrics["test_ece"] = reliability(softmax(test_logits, temperature), labels)["ece"]
         metrics.update(_unknown_on_test(staging, test_logits, test_features, labels))
@@ -472,7 +506,7 @@ def _evaluate_and_bundle(network, datamodule, config, paths, classes, weight_sou
     bundles.replace_bundle(staging, paths.model)  # the finished bundle appears in one rename
     console.print(f"[bold green]test accuracy {metrics.get('accuracy', float('nan')):.4f}[/] on "
                   f"{len(keys)} held-out images; bundle: {paths.model}")
-    return metrics
+    return metrics, (logits, features)
 
 
 def _embedding(network, phase_log: list[dict]) -> dict:
@@ -490,18 +524,21 @@ def _embedding(network, phase_log: list[dict]) -> dict:
     return {"frozen_depth": depth, "pooled_dim": feature_dim(network.backbone), "prefix_dim": int(prefix_dim)}
 
 
-def _fit_unknown(predictor, datamodule, config, staging, temperature, val, unknown_dir) -> None:
-    """Unknown-image statistics from a class-stratified train sample; the threshold from the val split."""
+def _fit_unknown(predictor, datamodule, config, staging, temperature, features, val, unknown_dir) -> None:
+    """Unknown-image statistics from a class-stratified train sample; the threshold from the val split.
+
+    `features`: every manifest row's (the pass after the phases); `val`: the val split's (logits, features).
+    """
     from .. import ood
 
-    keys, labels = datamodule.parts["train"]
-    if not len(val[0]) or not len(keys):
+    labels = datamodule.labels("train")
+    if not len(val[0]) or not len(labels):
         console.print("[yellow]no validation images: the bundle gets no unknown-image threshold[/]")
         return
     chosen = ood.stratified_sample(labels, ood.BANK_SIZE, config.data.seed)
-    _, train_features = predict_cached(predictor, datamodule.cache, [keys[i] for i in chosen])
     examples = ood.embed(predictor, [unknown_dir])[1:3] if unknown_dir else None
-    section = ood.fit_and_attach(staging, temperature, (train_features, labels[chosen]),
+    sample = features[datamodule.positions["train"][chosen]]  # copies the sample only, not every train row
+    section = ood.fit_and_attach(staging, temperature, (sample, labels[chosen]),
                                  (*val, datamodule.labels("val")), config.unknown.target_tpr, config.unknown.score,
                                  examples, seed=config.data.seed, pooled_dim=predictor.pooled_dim)
     console.print(f"unknown images: score '{section['score']}' ({section['selected_by']}), threshold "
