@@ -194,3 +194,31 @@ def test_in_memory_engine_gives_way_to_pytorch_with_a_warning(exported_run, monk
     images = np.zeros((4, SIZE, SIZE, 3), np.uint8)
     with pytest.warns(UserWarning, match="PyTorch instead of ONNX Runtime"):
         assert onnx_export.in_memory_engine(load_network(exported_run), images) is None
+
+
+@pytest.mark.parametrize("beyond, expected", [(-1, "torch"), (0, "onnx")])
+def test_a_pass_uses_onnx_runtime_only_when_long_enough_to_repay_the_export(exported_run, beyond, expected):
+    from effitune.predict import LONG_PASS
+
+    predictor = Predictor(exported_run, backend="torch")
+    sample = np.zeros((4, SIZE, SIZE, 3), np.uint8)
+    assert predictor.pass_engine(sample, LONG_PASS + beyond).name == expected
+    assert Predictor(exported_run, backend="onnx").pass_engine(sample, 10_000).path is not None  # its own file
+
+
+def test_evaluate_and_report_passes_run_in_onnx_runtime_with_the_same_results(exported_run, monkeypatch, tmp_path):
+    from effitune import predict
+    from effitune.evaluate.evaluate import evaluate_bundle
+    from effitune.evaluate.report import embed, labelled_rows
+
+    copy = copy_run(exported_run, tmp_path / "torch-only")  # no model.onnx: the bundle is served by PyTorch
+    manifest = copy.parent / "manifest.csv"
+    rows, _ = labelled_rows(manifest)
+    slow = evaluate_bundle(copy, manifest), embed(Predictor(copy), rows)
+    calls = []
+    monkeypatch.setattr(predict, "LONG_PASS", 1)
+    monkeypatch.setattr(OnnxEngine, "run", lambda self, images, run=OnnxEngine.run: calls.append(1) or run(self, images))
+    fast = evaluate_bundle(copy, manifest), embed(Predictor(copy), rows)
+    assert len(calls) >= 4  # two parity checks and two passes
+    assert fast[0]["accuracy"] == slow[0]["accuracy"]
+    np.testing.assert_allclose(fast[1][0], slow[1][0], atol=1e-3)

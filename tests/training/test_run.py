@@ -85,6 +85,7 @@ def test_the_network_sees_each_image_once_after_training(tiny_dataset_module, tm
     """Calibration, the unknown-image score, the test split and the report share one pass over the manifest
     (they made three: val, a train sample and test, then every image again for the report), on a CPU in
     ONNX Runtime after a parity check on a few val images in PyTorch."""
+    from effitune import predict
     from effitune.evaluate import report
     from effitune.predict import OnnxEngine, TorchEngine
 
@@ -93,6 +94,7 @@ def test_the_network_sees_each_image_once_after_training(tiny_dataset_module, tm
         monkeypatch.setattr(engine, "run", lambda self, images, run=engine.run, name=name:
                             seen[name].append(len(images)) or run(self, images))
     monkeypatch.setattr(report, "embed", lambda *a, **k: (_ for _ in ()).throw(AssertionError("embedded again")))
+    monkeypatch.setattr(predict, "LONG_PASS", 1)  # 60 images: a pass long enough for ONNX Runtime
     result = train(tiny_dataset_module, out=tmp_path / "run", config=tiny_cpu_config(), cache_root=tmp_path / "cache",
                    progress=False)
     assert result.report is not None  # a failing report only warns: None would mean it embedded again
@@ -120,6 +122,7 @@ def test_without_onnx_the_pass_runs_in_pytorch_and_the_run_finishes(tiny_dataset
 def test_onnx_runtime_failing_mid_pass_costs_time_not_the_run(tiny_dataset_module, tmp_path, monkeypatch):
     import pytest
 
+    from effitune import predict
     from effitune.export import onnx as onnx_export
 
     class Failing:
@@ -127,6 +130,7 @@ def test_onnx_runtime_failing_mid_pass_costs_time_not_the_run(tiny_dataset_modul
             raise RuntimeError("ORT went away")
 
     monkeypatch.setattr(onnx_export, "in_memory_engine", lambda network, images: Failing())
+    monkeypatch.setattr(predict, "LONG_PASS", 1)
     with pytest.warns(UserWarning, match="ORT went away.*PyTorch"):
         result = train(tiny_dataset_module, out=tmp_path / "run", config=tiny_cpu_config(),
                        cache_root=tmp_path / "cache", progress=False)

@@ -98,9 +98,13 @@ def embed(predictor, rows: Sequence[dict], cache: str | Path | None = None) -> t
         load = lambda part: image_cache.stack(keys[part])  # noqa: E731
     else:
         load = lambda part: np.stack([predictor.preprocess(p) for p in paths[part]])  # noqa: E731
-    logits, features = [], []
+    from ..predict import run_in_batches
+
+    logits, features, engine = [], [], None
     for start in range(0, len(paths), _CHUNK):
-        part_logits, part_features = predictor.run(load(slice(start, start + _CHUNK)))
+        images = load(slice(start, start + _CHUNK))
+        engine = engine or predictor.pass_engine(images[:32], len(paths))  # ONNX Runtime on a CPU when it agrees
+        part_logits, part_features = run_in_batches(engine, images)
         logits.append(part_logits)
         features.append(part_features)
     if not logits:

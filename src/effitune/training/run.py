@@ -434,18 +434,11 @@ def predict_cached(engine, cache: ImageCache, keys: list[str], chunk: int = 512,
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def _pass_over_every_image(predictor, datamodule: ImageDataModule, device: str) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, features) of every manifest row: on a CPU in ONNX Runtime when it reproduces PyTorch
-    (on 32 val images, else train images), else, and on a GPU, in PyTorch on the training device."""
-    engine = predictor.engine
-    if device == "cpu":
-        try:
-            from ..export.onnx import in_memory_engine
-        except ImportError:  # no `effitune[export]`: PyTorch gives the same values, only slower
-            console.print("[dim]evaluating in PyTorch; `pip install 'effitune[export]'` makes this pass ~2x faster[/]")
-        else:
-            sample = datamodule.cache.stack((datamodule.parts["val"][0] or datamodule.keys)[:32])
-            engine = in_memory_engine(predictor.network, sample) or engine
+def _pass_over_every_image(predictor, datamodule: ImageDataModule) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, features) of every manifest row; on a CPU in ONNX Runtime when it reproduces PyTorch
+    on 32 val images (train images without a val split): `Predictor.pass_engine`."""
+    sample = datamodule.cache.stack((datamodule.parts["val"][0] or datamodule.keys)[:32])
+    engine = predictor.pass_engine(sample, len(datamodule.keys))
     try:
         return predict_cached(engine, datamodule.cache, datamodule.keys)
     except Exception as error:  # noqa: BLE001 - ONNX Runtime failing mid-pass costs time, never the run
@@ -480,7 +473,7 @@ def _evaluate_and_bundle(network, datamodule, config, paths, classes, weight_sou
     staging = paths.root / "model.staging"
     bundles.save_bundle(staging, network.state_dict(), meta, extra_files={"history.csv": paths.history})
     predictor = Predictor(staging, device=_device(config))
-    logits, features = _pass_over_every_image(predictor, datamodule, _device(config))
+    logits, features = _pass_over_every_image(predictor, datamodule)
     by_split = {name: (logits[at], features[at]) for name, at in datamodule.positions.items() if name != "train"}
     val_logits, val_features = by_split["val"]
     val_labels = datamodule.labels("val")
