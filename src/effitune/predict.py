@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import glob
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -108,7 +109,6 @@ class OnnxEngine:
 
 
 BACKENDS = ("auto", "torch", *ONNX_FILES)
-LONG_PASS = 256  # images from which an in-memory ONNX Runtime engine repays its export (Predictor.pass_engine)
 
 
 def choose_backend(folder: Path, backend: str, device: str = "cpu") -> str:
@@ -163,7 +163,10 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 class Predictor:
     """`effitune.load(bundle)` returns one. `predictor.predict(["a.jpg", "photos/"])` -> list of dicts."""
 
+    long_pass = 256  # images from which an in-memory ONNX Runtime engine repays its export (`pass_engine`)
+
     def __init__(self, folder: str | Path, device: str = "cpu", backend: str = "auto"):
+        self._in_memory = None  # pass_engine's ONNX Runtime engine: None until tried, False if unavailable
         self.folder = Path(folder)
         self.meta = read_meta(self.folder)
         self.classes: list[str] = list(self.meta["classes"])
@@ -213,22 +216,52 @@ class Predictor:
             return np.zeros((0, len(self.classes)), np.float32), np.zeros((0, 0), np.float32)
         return run_in_batches(self.engine, images, batch_size)
 
+    def run_pass(self, chunks: Iterable[np.ndarray], images: int,
+                 sample: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, features) over `chunks` of uint8 images, `images` in all: one long pass (training's
+        evaluation, a report, `evaluate`), on `pass_engine`. Should ONNX Runtime fail on a chunk, that
+        chunk and the rest run on this predictor's own engine (a warning; the same values).
+        `sample`: the images to check ONNX Runtime on (default: the first chunk's first 32).
+        """
+        engine, logits, features = None, [], []
+        for chunk in chunks:
+            engine = engine or self.pass_engine(chunk[:32] if sample is None else sample, images)
+            try:
+                out = run_in_batches(engine, chunk)
+            except Exception as error:  # noqa: BLE001 - the faster engine failing costs time, never the pass
+                if engine is self.engine:
+                    raise
+                warnings.warn(f"ONNX Runtime failed during a pass ({type(error).__name__}: {error}); going on "
+                              "in PyTorch (slower, same results)", stacklevel=2)
+                engine = self.engine
+                out = run_in_batches(engine, chunk)
+            logits.append(out[0])
+            features.append(out[1])
+        if not logits:
+            return self.run(np.zeros((0, self.size, self.size, 3), np.uint8))
+        return np.concatenate(logits), np.concatenate(features)
+
     def pass_engine(self, sample: np.ndarray, images: int):
-        """The engine for one pass over `images` images (training's evaluation, a report, `evaluate`).
+        """The engine for one pass over `images` images (see `run_pass`).
 
         On a CPU, a bundle served by PyTorch runs a long pass 1.7-2.3x faster in ONNX Runtime: the
         network is exported in memory (no file) and used only if it reproduces PyTorch on `sample`
-        (uint8 images, e.g. the pass's first 32; `export.onnx.in_memory_engine`). Otherwise (and for
-        passes too short to repay the ~1 s of export and check, or without `effitune[export]`) this
-        predictor's own engine: the same values, slower.
+        (uint8 images; `export.onnx.in_memory_engine`); one export per predictor. Otherwise (passes
+        shorter than `long_pass`, which do not repay the ~1 s of export and check, other backends,
+        GPUs, or without `effitune[export]`) this predictor's own engine: the same values, slower.
         """
-        if self.backend != "torch" or self.device != "cpu" or not len(sample) or images < LONG_PASS:
+        if self.backend != "torch" or self.device != "cpu" or not len(sample) or images < self.long_pass:
             return self.engine
-        try:
-            from .export.onnx import in_memory_engine
-        except ImportError:  # onnx / onnxruntime are the optional `effitune[export]`
-            return self.engine
-        return in_memory_engine(self.network, sample) or self.engine
+        if self._in_memory is None:
+            try:
+                from .export.onnx import in_memory_engine
+            except ImportError:  # onnx / onnxruntime are the optional `effitune[export]`
+                warnings.warn("long passes run in PyTorch: `pip install 'effitune[export]'` (ONNX Runtime) makes "
+                              "them ~2x faster on a CPU", stacklevel=3)
+                self._in_memory = False
+            else:
+                self._in_memory = in_memory_engine(self.network, sample) or False
+        return self._in_memory or self.engine
 
     def logits(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         return self.run(images, batch_size)[0]

@@ -198,16 +198,13 @@ def test_in_memory_engine_gives_way_to_pytorch_with_a_warning(exported_run, monk
 
 @pytest.mark.parametrize("beyond, expected", [(-1, "torch"), (0, "onnx")])
 def test_a_pass_uses_onnx_runtime_only_when_long_enough_to_repay_the_export(exported_run, beyond, expected):
-    from effitune.predict import LONG_PASS
-
     predictor = Predictor(exported_run, backend="torch")
     sample = np.zeros((4, SIZE, SIZE, 3), np.uint8)
-    assert predictor.pass_engine(sample, LONG_PASS + beyond).name == expected
+    assert predictor.pass_engine(sample, Predictor.long_pass + beyond).name == expected
     assert Predictor(exported_run, backend="onnx").pass_engine(sample, 10_000).path is not None  # its own file
 
 
 def test_evaluate_and_report_passes_run_in_onnx_runtime_with_the_same_results(exported_run, monkeypatch, tmp_path):
-    from effitune import predict
     from effitune.evaluate.evaluate import evaluate_bundle
     from effitune.evaluate.report import embed, labelled_rows
 
@@ -216,9 +213,31 @@ def test_evaluate_and_report_passes_run_in_onnx_runtime_with_the_same_results(ex
     rows, _ = labelled_rows(manifest)
     slow = evaluate_bundle(copy, manifest), embed(Predictor(copy), rows)
     calls = []
-    monkeypatch.setattr(predict, "LONG_PASS", 1)
+    monkeypatch.setattr(Predictor, "long_pass", 1)
     monkeypatch.setattr(OnnxEngine, "run", lambda self, images, run=OnnxEngine.run: calls.append(1) or run(self, images))
     fast = evaluate_bundle(copy, manifest), embed(Predictor(copy), rows)
     assert len(calls) >= 4  # two parity checks and two passes
     assert fast[0]["accuracy"] == slow[0]["accuracy"]
     np.testing.assert_allclose(fast[1][0], slow[1][0], atol=1e-3)
+
+
+def test_a_pass_goes_on_in_pytorch_when_onnx_runtime_fails_midway(exported_run, monkeypatch):
+    predictor = Predictor(exported_run, backend="torch")
+    images = np.random.default_rng(2).integers(0, 256, (12, SIZE, SIZE, 3), dtype=np.uint8)
+
+    class FailsAfterOneChunk:
+        calls = 0
+
+        def run(self, batch):
+            self.calls += 1
+            if self.calls > 1:
+                raise RuntimeError("arena exhausted")
+            return predictor.engine.run(batch)
+
+    monkeypatch.setattr(Predictor, "long_pass", 1)
+    predictor._in_memory = FailsAfterOneChunk()  # as if exported and checked
+    with pytest.warns(UserWarning, match="arena exhausted.*going on in PyTorch"):
+        logits, features = predictor.run_pass((images[i:i + 4] for i in range(0, 12, 4)), len(images))
+    expected = predictor.run(images)
+    np.testing.assert_allclose(logits, expected[0], atol=1e-5)
+    assert features.shape == expected[1].shape

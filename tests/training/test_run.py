@@ -94,7 +94,7 @@ def test_the_network_sees_each_image_once_after_training(tiny_dataset_module, tm
         monkeypatch.setattr(engine, "run", lambda self, images, run=engine.run, name=name:
                             seen[name].append(len(images)) or run(self, images))
     monkeypatch.setattr(report, "embed", lambda *a, **k: (_ for _ in ()).throw(AssertionError("embedded again")))
-    monkeypatch.setattr(predict, "LONG_PASS", 1)  # 60 images: a pass long enough for ONNX Runtime
+    monkeypatch.setattr(predict.Predictor, "long_pass", 1)  # 60 images: a pass long enough for ONNX Runtime
     result = train(tiny_dataset_module, out=tmp_path / "run", config=tiny_cpu_config(), cache_root=tmp_path / "cache",
                    progress=False)
     assert result.report is not None  # a failing report only warns: None would mean it embedded again
@@ -107,14 +107,19 @@ def test_without_onnx_the_pass_runs_in_pytorch_and_the_run_finishes(tiny_dataset
     """onnx/onnxruntime are the optional `effitune[export]`: a plain install must still train to a bundle."""
     import sys
 
+    import pytest
+
+    from effitune import predict
     from effitune.predict import TorchEngine
 
     monkeypatch.setitem(sys.modules, "effitune.export.onnx", None)  # `import` now raises ImportError
+    monkeypatch.setattr(predict.Predictor, "long_pass", 1)  # 60 images: long enough to try ONNX Runtime
     seen = []
     monkeypatch.setattr(TorchEngine, "run", lambda self, images, run=TorchEngine.run:
                         seen.append(len(images)) or run(self, images))
-    result = train(tiny_dataset_module, out=tmp_path / "run", config=tiny_cpu_config(), cache_root=tmp_path / "cache",
-                   progress=False)
+    with pytest.warns(UserWarning, match=r"effitune\[export\]"):
+        result = train(tiny_dataset_module, out=tmp_path / "run", config=tiny_cpu_config(),
+                       cache_root=tmp_path / "cache", progress=False)
     assert (result.bundle / "effitune.json").is_file() and result.report is not None
     assert sum(seen) == len((result.run_dir / "manifest.csv").read_text().splitlines()) - 1
 
@@ -130,7 +135,7 @@ def test_onnx_runtime_failing_mid_pass_costs_time_not_the_run(tiny_dataset_modul
             raise RuntimeError("ORT went away")
 
     monkeypatch.setattr(onnx_export, "in_memory_engine", lambda network, images: Failing())
-    monkeypatch.setattr(predict, "LONG_PASS", 1)
+    monkeypatch.setattr(predict.Predictor, "long_pass", 1)
     with pytest.warns(UserWarning, match="ORT went away.*PyTorch"):
         result = train(tiny_dataset_module, out=tmp_path / "run", config=tiny_cpu_config(),
                        cache_root=tmp_path / "cache", progress=False)

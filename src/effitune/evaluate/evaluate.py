@@ -7,7 +7,7 @@ import numpy as np
 
 from ..data.split import read_manifest
 from ..errors import UserError
-from ..predict import Predictor, run_in_batches, softmax
+from ..predict import Predictor, softmax
 from .metrics import classification_metrics
 
 
@@ -37,13 +37,10 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, split: str = "test", p
     index = {name: i for i, name in enumerate(predictor.classes)}
     labels = np.array([index[label] for _, label in pairs])
     chunk = 256  # images in RAM at a time: evaluation memory does not grow with the data set
-    parts, engine = [], None
-    for start in range(0, len(pairs), chunk):
-        images = np.stack([_image(predictor, path, data) for path, _ in pairs[start:start + chunk]])
-        engine = engine or predictor.pass_engine(images[:32], len(pairs))  # ONNX Runtime on a CPU when it agrees
-        parts.append(softmax(run_in_batches(engine, images)[0], predictor.temperature))
-    probabilities = np.concatenate(parts) if parts else np.zeros((0, len(predictor.classes)))
-    return classification_metrics(probabilities, labels, predictor.classes)
+    chunks = (np.stack([_image(predictor, path, data) for path, _ in pairs[start:start + chunk]])
+              for start in range(0, len(pairs), chunk))
+    logits = predictor.run_pass(chunks, len(pairs))[0]  # ONNX Runtime on a CPU when it agrees with PyTorch
+    return classification_metrics(softmax(logits, predictor.temperature), labels, predictor.classes)
 
 
 def _image(predictor: Predictor, path: str, data: str | Path) -> np.ndarray:

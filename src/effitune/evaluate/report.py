@@ -98,18 +98,8 @@ def embed(predictor, rows: Sequence[dict], cache: str | Path | None = None) -> t
         load = lambda part: image_cache.stack(keys[part])  # noqa: E731
     else:
         load = lambda part: np.stack([predictor.preprocess(p) for p in paths[part]])  # noqa: E731
-    from ..predict import run_in_batches
-
-    logits, features, engine = [], [], None
-    for start in range(0, len(paths), _CHUNK):
-        images = load(slice(start, start + _CHUNK))
-        engine = engine or predictor.pass_engine(images[:32], len(paths))  # ONNX Runtime on a CPU when it agrees
-        part_logits, part_features = run_in_batches(engine, images)
-        logits.append(part_logits)
-        features.append(part_features)
-    if not logits:
-        return predictor.run(np.zeros((0, predictor.size, predictor.size, 3), np.uint8))
-    return np.concatenate(logits), np.concatenate(features)
+    chunks = (load(slice(start, start + _CHUNK)) for start in range(0, len(paths), _CHUNK))
+    return predictor.run_pass(chunks, len(paths))  # ONNX Runtime on a CPU when it agrees with PyTorch
 
 
 def read_history(bundle: Path) -> list[dict]:

@@ -423,30 +423,12 @@ def _write_state(paths: RunPaths, state: dict) -> None:
 
 # --- test split and bundle ----------------------------------------------------------------------
 
-def predict_cached(engine, cache: ImageCache, keys: list[str], chunk: int = 512,
-                   batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, features) of an engine (predict.TorchEngine, OnnxEngine) for cached images, `chunk` in RAM at a time."""
-    from ..predict import run_in_batches
-
-    parts = [run_in_batches(engine, cache.stack(keys[i:i + chunk]), batch_size) for i in range(0, len(keys), chunk)]
-    if not parts:
-        return engine.run(np.zeros((0, cache.size, cache.size, 3), np.uint8))
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-
-def _pass_over_every_image(predictor, datamodule: ImageDataModule) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, features) of every manifest row; on a CPU in ONNX Runtime when it reproduces PyTorch
-    on 32 val images (train images without a val split): `Predictor.pass_engine`."""
-    sample = datamodule.cache.stack((datamodule.parts["val"][0] or datamodule.keys)[:32])
-    engine = predictor.pass_engine(sample, len(datamodule.keys))
-    try:
-        return predict_cached(engine, datamodule.cache, datamodule.keys)
-    except Exception as error:  # noqa: BLE001 - ONNX Runtime failing mid-pass costs time, never the run
-        if engine is predictor.engine:
-            raise
-        warnings.warn(f"ONNX Runtime failed during the pass ({type(error).__name__}: {error}); running it in "
-                      "PyTorch (slower, same results)", stacklevel=2)
-        return predict_cached(predictor.engine, datamodule.cache, datamodule.keys)
+def _pass_over_every_image(predictor, datamodule: ImageDataModule, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, features) of every manifest row (`Predictor.run_pass`: on a CPU in ONNX Runtime when it
+    reproduces PyTorch on 32 val images, train images without a val split)."""
+    cache, keys = datamodule.cache, datamodule.keys
+    sample = cache.stack((datamodule.parts["val"][0] or keys)[:32])
+    return predictor.run_pass((cache.stack(keys[i:i + chunk]) for i in range(0, len(keys), chunk)), len(keys), sample)
 
 
 def _evaluate_and_bundle(network, datamodule, config, paths, classes, weight_source, phase_log, started,
