@@ -23,6 +23,14 @@ def cached_images(folder, n: int, size: int, seed: int, shape=(40, 40)) -> tuple
     return cache, cache.build(paths, workers=1)
 
 
+def tiny_augmented_pass(folder, seed: int) -> tuple[Network, ImageDataset]:
+    """A random-init lite0 and 4 cached 32-px images with the light augmentation: a caching pass in seconds."""
+    cache, keys = cached_images(folder, 4, 32, seed=seed, shape=(20, 20))
+    backbone, _ = create_backbone("tf_efficientnet_lite0", 3, pretrained=False)
+    network = Network(backbone, (0.5,) * 3, (0.5,) * 3).eval()
+    return network, ImageDataset(cache, keys, np.zeros(4, dtype=np.int64), build_augmentation("light", 32))
+
+
 @pytest.mark.parametrize("engine", ["auto", "torch"])  # auto = ONNX Runtime on the CPU
 def test_cached_activations_match_live_forward(tmp_path, engine):
     cache, keys = cached_images(tmp_path, 5, 64, seed=0)
@@ -147,10 +155,7 @@ def test_loader_workers_start_before_the_first_forward(tmp_path, monkeypatch):
 
     from effitune.training import features
 
-    cache, keys = cached_images(tmp_path, 4, 32, seed=4, shape=(20, 20))
-    backbone, _ = create_backbone("tf_efficientnet_lite0", 3, pretrained=False)
-    network = Network(backbone, (0.5,) * 3, (0.5,) * 3).eval()
-    dataset = ImageDataset(cache, keys, np.zeros(4, dtype=np.int64), build_augmentation("light", 32))
+    network, dataset = tiny_augmented_pass(tmp_path, seed=4)
     children_at_forward = []
     capture = features._capture
 
@@ -180,10 +185,7 @@ def test_an_error_while_caching_stops_the_loader_workers_at_once(tmp_path, monke
 
     from effitune.training import features
 
-    cache, keys = cached_images(tmp_path, 4, 32, seed=5, shape=(20, 20))
-    backbone, _ = create_backbone("tf_efficientnet_lite0", 3, pretrained=False)
-    network = Network(backbone, (0.5,) * 3, (0.5,) * 3).eval()
-    dataset = ImageDataset(cache, keys, np.zeros(4, dtype=np.int64), build_augmentation("light", 32))
+    network, dataset = tiny_augmented_pass(tmp_path, seed=5)
 
     class BrokenReads:
         def __init__(self, *args, **kwargs):
@@ -196,3 +198,20 @@ def test_an_error_while_caching_stops_the_loader_workers_at_once(tmp_path, monke
         compute_activations(network, dataset, [1], tmp_path / "features", views=3, batch_size=2, workers=2,
                             engine="torch")
     assert caught.value is not None and multiprocessing.active_children() == []
+
+
+@pytest.mark.parametrize("workers, spinning", [(0, "1"), (1, "0")])
+def test_onnx_runtime_threads_sleep_when_loader_workers_share_the_cores(tmp_path, monkeypatch, workers, spinning):
+    """Busy-waiting ONNX Runtime threads take the augmenting workers' time (96 px, 2 cores: 1.14x slower)."""
+    import onnxruntime
+
+    network, dataset = tiny_augmented_pass(tmp_path, seed=5)
+    seen = []
+    session = onnxruntime.InferenceSession
+
+    def recording(path, options, **kwargs):
+        seen.append(options.get_session_config_entry("session.intra_op.allow_spinning"))
+        return session(path, options, **kwargs)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", recording)
+    compute_activations(network, dataset, [1], tmp_path / "features", views=2, batch_size=2, workers=workers)
+    assert seen == [spinning]
