@@ -241,3 +241,11 @@ def test_a_pass_goes_on_in_pytorch_when_onnx_runtime_fails_midway(exported_run, 
     expected = predictor.run(images)
     np.testing.assert_allclose(logits, expected[0], atol=1e-5)
     assert features.shape == expected[1].shape
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenetv3_large_100", "tf_efficientnetv2_b0"])
+def test_in_memory_engine_serves_other_backbone_families(name):
+    """Training's pass on a CPU uses this engine for any backbone: PyTorch-padded, MobileNet and V2 graphs too."""
+    backbone, _ = create_backbone(name, 3, pretrained=False)
+    images = np.random.default_rng(3).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    assert onnx_export.in_memory_engine(Network(backbone, (0.5,) * 3, (0.5,) * 3).eval(), images) is not None
