@@ -18,7 +18,26 @@ from ..errors import UserError
 # Predictor backend name -> file inside the bundle.
 ONNX_FILES = {"onnx": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 
-__all__ = ["ONNX_FILES", "FORMATS", "export", "export_onnx", "quantize_int8", "benchmark"]
+__all__ = ["ONNX_FILES", "FORMATS", "export", "export_onnx", "quantize_int8", "benchmark", "torchscript_graph"]
+
+
+def torchscript_graph(module, example: tuple, inputs: list[str], outputs: list[str], opset: int) -> bytes:
+    """`module` as an ONNX graph (bytes, no file) from the legacy TorchScript exporter, batch axis dynamic.
+
+    ~0.4 s for lite0 (the dynamo exporter: ~8 s); what training's ONNX Runtime passes use (the frozen
+    layers in `training.features`, the pass after the phases in `export.onnx.in_memory_engine`).
+    """
+    import io
+    import warnings
+
+    import torch
+
+    buffer = io.BytesIO()
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter is deprecated, still proven
+        torch.onnx.export(module, example, buffer, dynamo=False, input_names=inputs, output_names=outputs,
+                          opset_version=opset, dynamic_axes={name: {0: "batch"} for name in (*inputs, *outputs)})
+    return buffer.getvalue()
 
 
 def _onnx(bundle, **options) -> dict:

@@ -14,7 +14,6 @@ exporter remains the fallback if it fails.
 from __future__ import annotations
 
 import copy
-import io
 import json
 import uuid
 import warnings
@@ -35,7 +34,7 @@ from ..errors import UserError
 from ..models.network import Network
 from ..ood import stratified_sample
 from ..predict import OnnxEngine, TorchEngine, expand_sources, load_network, run_in_batches
-from . import ONNX_FILES
+from . import ONNX_FILES, torchscript_graph
 
 OPSET = 18
 INPUT, OUTPUTS = "images", ("logits", "features")
@@ -120,14 +119,9 @@ def to_onnx(network: Network, size: int) -> tuple[onnx.ModelProto, str]:
 
 
 def torchscript_onnx(network: Network, size: int) -> bytes:
-    """The graph from the legacy TorchScript exporter: ~0.4 s for lite0, with dynamic "SAME" padding."""
-    buffer = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(LogitsAndFeatures(network).eval(), (torch.rand(2, 3, size, size),), buffer, dynamo=False,
-                          input_names=[INPUT], output_names=list(OUTPUTS), opset_version=OPSET,
-                          dynamic_axes={name: {0: "batch"} for name in (INPUT, *OUTPUTS)})
-    return buffer.getvalue()
+    """The bundle's graph from the legacy TorchScript exporter (with dynamic "SAME" padding)."""
+    return torchscript_graph(LogitsAndFeatures(network).eval(), (torch.rand(2, 3, size, size),), [INPUT],
+                             list(OUTPUTS), OPSET)
 
 
 def in_memory_engine(network: Network, images: np.ndarray) -> OnnxEngine | None:

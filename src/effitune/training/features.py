@@ -68,36 +68,31 @@ class _CaptureModule(torch.nn.Module):
         return tuple(captured[name] for name in self.names)
 
 
-def onnx_capture(network: Network, depths: list[int], size: int, folder: Path, spin: bool = True):
+def onnx_capture(network: Network, depths: list[int], size: int, spin: bool = True):
     """The frozen forward as an ONNX Runtime session (several times faster than PyTorch eager on a CPU).
 
     Returns a function uint8 NCHW tensor -> {name: float32 array}, or None when ONNX Runtime is not
     installed or the export fails (PyTorch eager is then used; both give the same activations).
     `spin`: let idle ONNX Runtime threads busy-wait for work (its default). Off when loader workers
-    augment on the same cores: the spinning takes their time (96 px, one worker on 2 cores: 1.16x).
+    augment on the same cores: the spinning takes their time (96 px, one worker on 2 cores: 1.14x).
     """
     try:
         import onnxruntime as ort
     except ImportError:
         return None
+    from ..export import torchscript_graph
+
     module = _CaptureModule(network.cpu().eval(), depths)
-    path = folder / f"frozen-{uuid.uuid4().hex[:8]}.onnx"
     try:
-        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter: 3 s here, dynamo ~8 s
-            torch.onnx.export(module, (torch.rand(2, 3, size, size),), str(path), input_names=["images"],
-                              output_names=module.names, opset_version=17, dynamo=False,
-                              dynamic_axes={name: {0: "batch"} for name in ["images", *module.names]})
+        graph = torchscript_graph(module, (torch.rand(2, 3, size, size),), ["images"], module.names, opset=17)
         options = ort.SessionOptions()
         options.intra_op_num_threads = distributed.cores_per_process()  # all cores, shared among the ranks here
         options.log_severity_level = 3
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - an exporter gap must not stop training: eager still works
         warnings.warn(f"frozen layers run in PyTorch eager (ONNX export failed: {type(error).__name__}: {error})")
         return None
-    finally:
-        path.unlink(missing_ok=True)
 
     def run(images: torch.Tensor) -> dict[str, np.ndarray]:
         batch = images.numpy().astype(np.float32) / np.float32(255)
@@ -166,7 +161,7 @@ def _compute_block(network: Network, dataset: ImageDataset, depths: list[int], f
     if not len(rows):
         return
     use_onnx = engine == "auto" and device == "cpu"
-    onnx_run = onnx_capture(network, depths, dataset.cache.size, folder, spin=workers == 0) if use_onnx else None
+    onnx_run = onnx_capture(network, depths, dataset.cache.size, spin=workers == 0) if use_onnx else None
     network = network.to(device).eval().to(memory_format=torch.channels_last)
     try:
         _write_views(network, dataset, depths, folder, rows, suffix, views, batch_size, device, workers, progress,
