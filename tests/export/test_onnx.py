@@ -243,6 +243,28 @@ def test_a_pass_goes_on_in_pytorch_when_onnx_runtime_fails_midway(exported_run, 
     assert features.shape == expected[1].shape
 
 
+def test_legacy_graph_pads_fold_into_the_convolutions_and_the_network_is_left_alone(tmp_path):
+    """tf_* backbones pad "SAME" at run time; the in-memory graph must give ONNX Runtime constant pads it
+    can fold into each Conv (no Pad, no shape arithmetic left), and the network must come back unchanged."""
+    import onnxruntime as ort
+
+    backbone, _ = create_backbone("tf_efficientnet_lite0", 3, pretrained=False)
+    network = Network(backbone, (0.5,) * 3, (0.5,) * 3).eval()
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        before = network(images)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # portable rewrites only
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(onnx_export.torchscript_onnx(network, 64), options, providers=["CPUExecutionProvider"])
+    operations = {node.op_type for node in onnx.load(tmp_path / "optimized.onnx").graph.node}
+    assert not operations & {"Pad", "Shape", "Ceil"}, operations
+    assert not any("forward" in vars(layer) for layer in network.modules())
+    with torch.no_grad():
+        assert torch.equal(network(images), before)
+        assert network(torch.rand(1, 3, 80, 72)).shape == before[:1].shape  # any size again
+
+
 @pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenetv3_large_100", "tf_efficientnetv2_b0"])
 def test_in_memory_engine_serves_other_backbone_families(name):
     """Training's pass on a CPU uses this engine for any backbone: PyTorch-padded, MobileNet and V2 graphs too."""

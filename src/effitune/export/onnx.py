@@ -119,7 +119,7 @@ def to_onnx(network: Network, size: int) -> tuple[onnx.ModelProto, str]:
 
 
 def torchscript_onnx(network: Network, size: int) -> bytes:
-    """The bundle's graph from the legacy TorchScript exporter (with dynamic "SAME" padding)."""
+    """The bundle's graph from the legacy TorchScript exporter, for `size` x `size` images only."""
     return torchscript_graph(LogitsAndFeatures(network).eval(), (torch.rand(2, 3, size, size),), [INPUT],
                              list(OUTPUTS), OPSET)
 
