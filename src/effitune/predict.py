@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import itertools
 import os
 import warnings
 from pathlib import Path
@@ -208,41 +209,46 @@ class Predictor:
         return load_for_model(source, self.size)
 
     def run(self, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 images (N, size, size, 3) -> (logits, features), in batches.
+        """uint8 images (N, size, size, 3) -> (logits, features), in batches (on `pass_engine`).
 
         features: the pooled features, then (bundles with an `embedding`) the pooled output of the
         layers training left frozen; `features[:, :self.pooled_dim]` is the pooled part."""
         if not len(images):
             return np.zeros((0, len(self.classes)), np.float32), np.zeros((0, 0), np.float32)
-        return run_in_batches(self.engine, images, batch_size)
+        return self._run_fastest(images, len(images), batch_size)
 
     def run_pass(self, chunks: Iterable[np.ndarray], images: int,
                  sample: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(logits, features) over `chunks` of uint8 images, `images` in all: one long pass (training's
-        evaluation, a report, `evaluate`), on `pass_engine`. Should ONNX Runtime fail on a chunk, that
-        chunk and the rest run on this predictor's own engine (a warning; the same values).
+        evaluation, a report, `evaluate`), on `pass_engine`.
         `sample`: the images to check ONNX Runtime on (default: the first chunk's first 32).
         """
-        engine, logits, features = None, [], []
+        logits, features = [], []
         for chunk in chunks:
-            engine = engine or self.pass_engine(chunk[:32] if sample is None else sample, images)
-            try:
-                out = run_in_batches(engine, chunk)
-            except Exception as error:  # noqa: BLE001 - the faster engine failing costs time, never the pass
-                if engine is self.engine:
-                    raise
-                warnings.warn(f"ONNX Runtime failed during a pass ({type(error).__name__}: {error}); going on "
-                              "in PyTorch (slower, same results)", stacklevel=2)
-                engine = self.engine
-                out = run_in_batches(engine, chunk)
+            out = self._run_fastest(chunk, images, sample=sample)
             logits.append(out[0])
             features.append(out[1])
         if not logits:
             return self.run(np.zeros((0, self.size, self.size, 3), np.uint8))
         return np.concatenate(logits), np.concatenate(features)
 
+    def _run_fastest(self, images: np.ndarray, pass_images: int, batch_size: int = 64,
+                     sample: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """`images`, part of a pass over `pass_images`, on `pass_engine`. Should ONNX Runtime fail,
+        these images and every later pass run on this predictor's own engine (a warning; the same values)."""
+        engine = self.pass_engine(images[:32] if sample is None else sample, pass_images)
+        try:
+            return run_in_batches(engine, images, batch_size)
+        except Exception as error:  # noqa: BLE001 - the faster engine failing costs time, never the pass
+            if engine is self.engine:
+                raise
+            warnings.warn(f"ONNX Runtime failed during a pass ({type(error).__name__}: {error}); going on "
+                          "in PyTorch (slower, same results)", stacklevel=3)
+            self._in_memory = False
+            return run_in_batches(self.engine, images, batch_size)
+
     def pass_engine(self, sample: np.ndarray, images: int):
-        """The engine for one pass over `images` images (see `run_pass`).
+        """The engine for one pass over `images` images (`run`, `run_pass`, a long `iter_predict`).
 
         On a CPU, a bundle served by PyTorch runs a long pass 1.7-2.3x faster in ONNX Runtime: the
         network is exported in memory (no file) and used only if it reproduces PyTorch on `sample`
@@ -257,7 +263,7 @@ class Predictor:
                 from .export.onnx import in_memory_engine
             except ImportError:  # onnx / onnxruntime are the optional `effitune[export]`
                 warnings.warn("long passes run in PyTorch: `pip install 'effitune[export]'` (ONNX Runtime) makes "
-                              "them ~2x faster on a CPU", stacklevel=3)
+                              "them ~2x faster on a CPU", stacklevel=4)
                 self._in_memory = False
             else:
                 self._in_memory = in_memory_engine(self.network, sample) or False
@@ -282,22 +288,29 @@ class Predictor:
         With unknown-image statistics in the bundle each result also has `unknown` (score below the
         calibrated threshold), `unknown_score` and `score_name`; `reject` sets `label` to None for an
         unknown image (`reject=False` keeps the raw class). `top_k` always lists the raw classes.
+
+        A stream of `long_pass` images or more runs on `pass_engine` (on a CPU, ONNX Runtime without an
+        exported file): the first `long_pass` sources are listed ahead (names, not pixels) to know.
         """
+        sources = iter(_with_expansion(sources) if expand else sources)
+        ahead = list(itertools.islice(sources, self.long_pass))  # names only: is this a long pass?
+        pass_images = len(ahead)
         pending: list[tuple[str, np.ndarray | None, str | None]] = []
-        for source in (_with_expansion(sources) if expand else sources):
+        for source in itertools.chain(ahead, sources):
             label = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
             try:
                 pending.append((label, self.preprocess(source), None))
             except Exception as error:  # noqa: BLE001 - one bad file must not stop the others
                 pending.append((label, None, _describe(error)))
             if len(pending) >= batch_size:
-                yield from self._finish(pending, top_k, reject)
+                yield from self._finish(pending, top_k, reject, pass_images)
                 pending = []
-        yield from self._finish(pending, top_k, reject)
+        yield from self._finish(pending, top_k, reject, pass_images)
 
-    def _finish(self, pending, top_k: int, reject: bool = True) -> Iterator[dict]:
+    def _finish(self, pending, top_k: int, reject: bool, pass_images: int) -> Iterator[dict]:
         good = [image for _, image, _ in pending if image is not None]
-        logits, features = self.run(np.stack(good)) if good else (np.zeros((0, len(self.classes))), None)
+        logits, features = self._run_fastest(np.stack(good), pass_images) if good \
+            else (np.zeros((0, len(self.classes))), None)
         probabilities = iter(softmax(logits, self.temperature))
         scores = iter(self.unknown.score(logits, features) if self.unknown is not None and good else [])
         k = max(1, min(top_k, len(self.classes)))

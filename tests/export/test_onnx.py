@@ -243,6 +243,39 @@ def test_a_pass_goes_on_in_pytorch_when_onnx_runtime_fails_midway(exported_run, 
     assert features.shape == expected[1].shape
 
 
+def test_a_long_predict_stream_runs_in_onnx_runtime_with_the_same_answers(exported_run, monkeypatch, tmp_path):
+    """`effitune predict` over a folder: a stream of `long_pass` files or more runs in ONNX Runtime (the
+    bundle has no model.onnx), unreadable files still get their error line in order; a short one stays in PyTorch."""
+    copy = copy_run(exported_run, tmp_path / "torch-only")
+    data = exported_run.parent / "data"
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    sources = [data, tmp_path / "broken.png", tmp_path / "missing.png"]
+    slow = Predictor(copy).predict(sources)
+    calls = []
+    monkeypatch.setattr(OnnxEngine, "run", lambda self, images, run=OnnxEngine.run: calls.append(1) or run(self, images))
+    monkeypatch.setattr(Predictor, "long_pass", len(slow))
+    short = Predictor(copy)
+    assert [r.get("label") for r in short.predict(sources[:1])] == [r["label"] for r in slow[:-2]]
+    assert not calls and short._in_memory is None
+    fast = Predictor(copy).predict(sources, batch_size=5)
+    assert len(calls) > 1  # the parity check, then the stream's batches
+    assert [r["path"] for r in fast] == [r["path"] for r in slow]
+    assert [r.get("label") for r in fast] == [r.get("label") for r in slow]
+    assert [r.get("error") for r in fast[-2:]] == [r.get("error") for r in slow[-2:]] and "error" in fast[-1]
+    np.testing.assert_allclose([r["probability"] for r in fast[:-2]], [r["probability"] for r in slow[:-2]],
+                               atol=1e-4)
+
+
+def test_run_on_a_long_array_uses_the_pass_engine(exported_run, monkeypatch, tmp_path):
+    predictor = Predictor(copy_run(exported_run, tmp_path / "torch-only"))
+    batch = images(6)
+    slow = predictor.run(batch)
+    monkeypatch.setattr(Predictor, "long_pass", 6)
+    fast = predictor.run(batch)
+    assert predictor._in_memory and predictor.pass_engine(batch, 6).name == "onnx"
+    np.testing.assert_allclose(fast[0], slow[0], atol=1e-4)
+
+
 def test_legacy_graph_pads_fold_into_the_convolutions_and_the_network_is_left_alone(tmp_path):
     """tf_* backbones pad "SAME" at run time; the in-memory graph must give ONNX Runtime constant pads it
     can fold into each Conv (no Pad, no shape arithmetic left), and the network must come back unchanged."""
