@@ -77,6 +77,23 @@ def test_evaluate_manifest_json(trained):
     assert 0 < summary["metrics"]["train_seconds"] <= summary["metrics"]["wall_seconds"]
 
 
+def test_backend_option_reaches_every_command_that_runs_the_model(trained, tiny_dataset_module, monkeypatch):
+    from effitune import predict as predict_module
+
+    out, _ = trained
+    bundle, red = str(out / "model"), str(next((Path(tiny_dataset_module) / "red").iterdir()))
+    commands = [["predict", bundle, red], ["evaluate", bundle, str(out / "manifest.csv")], ["drift", bundle, red],
+                ["ood-eval", bundle, "--known", str(out / "manifest.csv"), "--unknown", red], ["serve", bundle]]
+    for command in commands:  # no model.int8.onnx in this bundle: one line naming the export, nothing served
+        result = runner.invoke(app, [*command, "--backend", "int8"])
+        assert result.exit_code == 2 and "effitune export" in result.output and "--int8" in result.output, command
+    chosen = []
+    monkeypatch.setattr(predict_module, "load",
+                        lambda *a, load=predict_module.load, **k: chosen.append(k["backend"]) or load(*a, **k))
+    result = runner.invoke(app, ["predict", bundle, red, "--json", "--backend", "torch"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["label"] == "red" and chosen == ["torch"]
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["train", "{missing}"], "does not exist"),
     (["predict", "{empty}", "x.png"], "not an effitune model bundle"),

@@ -44,6 +44,11 @@ def _print_notices(result) -> None:
         err.print(f"[yellow]warning:[/] {escape(notice)}", highlight=False)
 
 
+def backend_option():
+    return typer.Option("auto", help="Engine: auto (ONNX Runtime on a CPU when `effitune export` wrote model.onnx, "
+                        "else PyTorch), torch, onnx, fp16 or int8 (after `effitune export --int8`).")
+
+
 def print_json(value) -> None:
     sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=True, default=str) + "\n")
 
@@ -179,11 +184,13 @@ def train(data: Optional[Path] = typer.Argument(None, help="Data folder / CSV (n
 def evaluate(bundle: Path = typer.Argument(..., help="Model bundle folder."),
              data: Path = typer.Argument(..., help="manifest.csv (its test split) or a folder/CSV (all of it)."),
              split_name: str = typer.Option("test", "--split", help="Which manifest split to evaluate."),
+             backend: str = backend_option(),
              json_output: bool = typer.Option(False, "--json")):
     """Accuracy, top-k and per-class metrics of a bundle on labelled images."""
     from .evaluate.evaluate import evaluate_bundle
+    from .predict import load
 
-    metrics = evaluate_bundle(bundle, data, split=split_name)
+    metrics = evaluate_bundle(bundle, data, split=split_name, predictor=load(bundle, backend=backend))
     if json_output:
         print_json(metrics)
         return
@@ -209,7 +216,8 @@ def predict(bundle: Path = typer.Argument(..., help="Model bundle folder."),
                                                 "FILE.part-I-of-N; the last shard to finish merges them into "
                                                 "FILE. Default under torchrun/srun: its rank/world size."),
             device: str = typer.Option("cpu", help="cpu, cuda (under torchrun: each process its LOCAL_RANK GPU), "
-                                       "cuda:N.")):
+                                       "cuda:N."),
+            backend: str = backend_option()):
     """Classify images; a file that can't be read gets an error line and the rest go on."""
     from .batch_predict import output_format, parse_shard, predict_to_file, prepare_device, shard_from_env
     from .predict import load
@@ -220,7 +228,7 @@ def predict(bundle: Path = typer.Argument(..., help="Model bundle folder."),
     elif shard_spec is not None and shard_spec[1] > 1:
         raise UserError("Sharded prediction (--shard, or torchrun) writes to a file: add --out FILE.csv or "
                         "--out FILE.jsonl.")
-    predictor = load(bundle, device=prepare_device(device))
+    predictor = load(bundle, device=prepare_device(device), backend=backend)
     if out is not None:
         with err.status("predicting", spinner="dots") as status:
             summary = predict_to_file(predictor, paths, out, top_k=top_k, batch_size=batch_size, reject=reject,
@@ -298,20 +306,22 @@ def serve(bundle: Path = typer.Argument(..., help="Model bundle folder."),
           max_upload_mb: float = typer.Option(10.0, help="Request body limit in MiB."),
           timeout: float = typer.Option(30.0, help="Seconds a request may wait and run before 504."),
           batch_window_ms: float = typer.Option(0.0, help="Wait this long to batch concurrent requests (0: off)."),
-          threads: Optional[int] = typer.Option(None, help="PyTorch threads per forward pass (default: PyTorch's).")):
+          threads: Optional[int] = typer.Option(None, help="PyTorch threads per forward pass (default: PyTorch's)."),
+          backend: str = backend_option()):
     """Serve a bundle over HTTP: a page at /, POST /predict, GET /health, GET /model, docs at /docs."""
     import torch
 
     try:
         import uvicorn
 
+        from .predict import load
         from .serve.app import create_app
     except ImportError as error:
         raise UserError(f"serving needs the serve extra ({error.name} is missing): "
                         'pip install "effitune[serve]"') from None
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         err.print(f"[yellow]warning:[/] listening on {host} without an API key: anyone who can reach it can use it")
-    application = create_app(bundle, api_key=api_key, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+    application = create_app(load(bundle, backend=backend), api_key=api_key, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                              max_images=max_images, timeout_s=timeout, workers=workers,
                              batch_window_ms=batch_window_ms)
     if threads:  # cores / workers avoids oversubscription on a quiet machine; measure before choosing
@@ -387,12 +397,13 @@ def ood_eval(bundle: Path = typer.Argument(..., help="Model bundle folder."),
              known: Path = typer.Option(..., help="Known images: manifest.csv (its --split) or a labelled folder/CSV."),
              unknown: List[Path] = typer.Option(..., help="Images of no class (files, folders; repeatable)."),
              split_name: str = typer.Option("test", "--split", help="Which manifest split is the known set."),
+             backend: str = backend_option(),
              json_output: bool = typer.Option(False, "--json")):
     """How well each unknown-image score separates known from unknown images (AUROC, FPR at 95% TPR)."""
     from .ood import evaluate as evaluate_unknown
     from .predict import load
 
-    report = evaluate_unknown(load(bundle), known, unknown, split=split_name)
+    report = evaluate_unknown(load(bundle, backend=backend), known, unknown, split=split_name)
     if json_output:
         print_json(report)
         return
@@ -409,12 +420,13 @@ def ood_eval(bundle: Path = typer.Argument(..., help="Model bundle folder."),
 @user_errors
 def drift(bundle: Path = typer.Argument(..., help="Model bundle folder."),
           images: List[Path] = typer.Argument(..., help="New images: files or folders."),
+          backend: str = backend_option(),
           json_output: bool = typer.Option(False, "--json")):
     """Do new images still look like the training data? Unknown share, feature shift, class mix."""
     from .drift import check
     from .predict import load
 
-    report = check(load(bundle), images)
+    report = check(load(bundle, backend=backend), images)
     if json_output:
         print_json(report)
         return

@@ -6,13 +6,14 @@ Who starts the processes
     WORLD_SIZE, LOCAL_RANK, ...; SLURM_PROCID, SLURM_NTASKS, ...) say who is who. Lightning reads the
     same variables, with the same priority (torchrun first), and joins the process group opened here.
 
-    `train(devices=2)` on one machine without a launcher starts the processes itself (`launch`):
-    PyTorch's `elastic_launch`, the library under torchrun, spawns them with exactly torchrun's
-    variables, so both ways run one code path. Every process runs the whole `train()` (scan, image
-    cache, feature cache, phases), not only `trainer.fit`, and rank 0's result comes back. Lightning's
-    own launchers were not used: they start the processes inside `trainer.fit`, after one process
-    built the caches, or re-run the user's script from the top. The processes are spawned: `train`'s
-    arguments must pickle, and a script calling it needs `if __name__ == "__main__":`.
+    `train.devices: 2` (CLI `--devices 2`) on one machine without a launcher starts the processes
+    itself (`launch`): PyTorch's `elastic_launch`, the library under torchrun, spawns them with
+    exactly torchrun's variables, so both ways run one code path. Every process runs the whole
+    `train()` (scan, image cache, feature cache, phases), not only `trainer.fit`, and rank 0's result
+    comes back. Lightning's own launchers were not used: they start the processes inside
+    `trainer.fit`, after one process built the caches, or re-run the user's script from the top. The
+    processes are spawned: `train`'s arguments must pickle, and a script calling it needs
+    `if __name__ == "__main__":`.
 
 What the processes share
     Rank 0 alone writes run files (manifest, config, state, bundle, reports); the others read them

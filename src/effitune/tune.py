@@ -1,7 +1,7 @@
 """`effitune tune`: an Optuna search over the training recipe, cheap because trials share the work.
 
 All trials of a study use one split (the study folder's manifest.csv), the resize-once image cache
-and one frozen-prefix activation cache per (resolution, augmentation), so a head-only trial costs
+and one frozen-prefix activation cache per (resolution, augmentation, cached views), so a head-only trial costs
 seconds. Trials are scored on the validation split only: the test split is never looked at here.
 Weak trials are pruned (Optuna's median pruner, fed the best validation accuracy after every epoch).
 The study lives in SQLite (study.db in the study folder) and an interrupted `tune` continues where it

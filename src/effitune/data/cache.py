@@ -2,7 +2,7 @@
 
 Entries are uint8 (size, size, 3) arrays in memory-mapped shard files, keyed by the file's content
 hash (sha1) and the size. A file whose bytes change gets a new hash and therefore a new entry; the old
-one is simply never read again. Epochs read from the memory map and never decode an original again.
+one is simply never read again. Epochs read rows with positional file reads (`rowio`) and never decode an original again.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Images come out of the cache as uint8 CHW tensors, augmented per sample in the loader workers on a
 CPU, or read by threads into pinned memory and augmented per batch on a GPU (`batches.ImageBatches`);
-the model converts and normalizes them. Frozen-prefix activations (see `train.features`) have their
+the model converts and normalizes them. Frozen-prefix activations (see `training.features`) have their
 own dataset that serves one cached augmented view per epoch.
 """
 from __future__ import annotations
