@@ -24,6 +24,17 @@ from effitune.training import features
 from effitune.training.run import _build_network, default_cache_root
 
 
+def training_images(manifest: Path, cache_root: Path | None, size: int, images: int):
+    """(datamodule, network): the first `images` rows of a run's manifest as a training split, read from
+    its resize-once cache, and the default backbone with a head for their classes."""
+    rows = [{**row, "split": "train"} for row in read_manifest(manifest)[:images]]
+    classes = sorted({row["label"] for row in rows})
+    cache = ImageCache((cache_root or default_cache_root()) / "images", size)
+    keys = cache.build([row["path"] for row in rows], [row["sha1"] for row in rows])
+    network, _ = _build_network(Config(), len(classes))
+    return ImageDataModule(rows, keys, classes, cache), network
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("manifest", type=Path)
@@ -34,12 +45,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    rows = [{**row, "split": "train"} for row in read_manifest(args.manifest)[:args.images]]
-    classes = sorted({row["label"] for row in rows})
-    cache = ImageCache((args.cache or default_cache_root()) / "images", args.size)
-    keys = cache.build([row["path"] for row in rows], [row["sha1"] for row in rows])
-    datamodule = ImageDataModule(rows, keys, classes, cache)
-    network, _ = _build_network(Config(), len(classes))
+    datamodule, network = training_images(args.manifest, args.cache, args.size, args.images)
     real = features.onnx_capture
     seconds = {True: [], False: []}
     for _ in range(args.rounds):
@@ -52,7 +58,7 @@ def main() -> None:
             seconds[spin].append(time.perf_counter() - began)
             shutil.rmtree(folder)
     features.onnx_capture = real
-    print(f"{len(rows)} images x {args.views} views at {args.size} px, {datamodule.workers} loader worker(s)")
+    print(f"{len(datamodule.keys)} images x {args.views} views at {args.size} px, {datamodule.workers} loader worker(s)")
     for spin, label in ((True, "spinning (ONNX Runtime's default)"), (False, "sleeping (effitune with workers)")):
         print(f"{label:36s} {', '.join(f'{s:.1f}' for s in seconds[spin])} s; median {statistics.median(seconds[spin]):.1f} s")
     print(f"sleeping / spinning: {statistics.median(seconds[True]) / statistics.median(seconds[False]):.2f}x faster")
