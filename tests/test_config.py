@@ -25,10 +25,27 @@ def test_unknown_key_suggests(tmp_path):
     ({"data.augment": "heavy"}, "not a recipe"),
     ({"train.unfreeze": "some"}, "must be auto"),
     ({"unknown.score": "knnn"}, "mahalanobis"),
+    ({"train.batch_size": "lots"}, "'train.batch_size' must be a whole number, got 'lots'"),
+    ({"train.stage1.epochs": 1.5}, "must be a whole number, got 1.5"),
+    ({"train.label_smoothing": "0.1"}, "must be a number"),
+    ({"train.feature_cache": "no"}, "must be true or false"),
+    ({"model.dropout": 1.5}, r"model.dropout must be in \[0, 1\)"),
+    ({"train.stage1.lr": -1}, "train.stage1.lr must be above 0"),
+    ({"train.stage2.epochs": 0}, "train.stage2.epochs must be at least 1"),
+    ({"data.image_size": 7}, "at least 32"),
 ])
 def test_invalid_values_rejected(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment):
         load_config(overrides=overrides)
+
+
+def test_yaml_numbers_take_the_fields_type(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  unfreeze: 2\n  devices: 1\n  stage1:\n    epochs: 3.0\n    lr: 1\n")
+    config = load_config(path)
+    assert (config.train.unfreeze, config.train.devices) == ("2", "1")
+    assert config.train.stage1.epochs == 3 and isinstance(config.train.stage1.epochs, int)
+    assert config.train.stage1.lr == 1.0 and isinstance(config.train.stage1.lr, float)
 
 
 def test_missing_and_bad_files(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,25 @@ def _merge(target: Any, values: dict[str, Any], where: str) -> None:
                 raise ConfigError(f"Config key '{where}{key}' must be a mapping, got {value!r}.")
             _merge(current, value, f"{where}{key}.")
         else:
-            setattr(target, key, value)
+            setattr(target, key, _typed(value, typing.get_type_hints(type(target))[key], f"{where}{key}"))
+
+
+def _typed(value: Any, hint: Any, key: str) -> Any:
+    """`value` as the field's type (int for 2.0, str for a YAML number), or a ConfigError naming the key."""
+    kinds = [kind for kind in typing.get_args(hint) or (hint,) if kind is not type(None)]
+    if value is None and len(kinds) < len(typing.get_args(hint) or (hint,)):
+        return None
+    kind = kinds[0]
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer():
+        return int(value)
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, (str, int)) and not isinstance(value, bool):
+        return str(value)
+    expected = {bool: "true or false", int: "a whole number", float: "a number", str: "a word"}[kind]
+    raise ConfigError(f"Config key '{key}' must be {expected}, got {value!r}.")
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
@@ -152,6 +171,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.unfreeze '{t.unfreeze}' must be auto, all or a whole number of stages (0 = head only).")
     if (t.batch_size is not None and t.batch_size < 1) or t.cache_views < 1:
         raise ConfigError("train.batch_size and train.cache_views must be at least 1.")
+    _check_ranges(config)
     from .training.loggers import LOGGERS  # one list of names, kept beside the code that builds them
 
     if not {n.strip().lower() for n in str(t.logger).split(",")} <= set(LOGGERS):
@@ -162,6 +182,32 @@ def validate(config: Config) -> None:
                           "knn-frozen.")
     if not 0 < config.unknown.target_tpr <= 1:
         raise ConfigError(f"unknown.target_tpr ({config.unknown.target_tpr}) must be in (0, 1].")
+
+
+def _check_ranges(config: Config) -> None:
+    d, m, t = config.data, config.model, config.train
+    checks = [("data.image_size", d.image_size, d.image_size is None or d.image_size >= 32, "at least 32 (pixels)"),
+              ("data.min_side", d.min_side, d.min_side >= 1, "at least 1"),
+              ("data.max_pixels", d.max_pixels, d.max_pixels >= 1, "at least 1"),
+              ("data.near_duplicate_distance", d.near_duplicate_distance, d.near_duplicate_distance >= 0, ">= 0"),
+              ("data.workers", d.workers, d.workers is None or d.workers >= 0, ">= 0"),
+              ("model.dropout", m.dropout, 0 <= m.dropout < 1, "in [0, 1)"),
+              ("train.lr_factor", t.lr_factor, t.lr_factor > 0, "above 0"),
+              ("train.max_unfreeze", t.max_unfreeze, t.max_unfreeze >= 1, "at least 1"),
+              ("train.auto_patience", t.auto_patience, t.auto_patience >= 0, ">= 0"),
+              ("train.time_budget_min", t.time_budget_min, t.time_budget_min is None or t.time_budget_min > 0,
+               "above 0 (minutes)"),
+              ("train.label_smoothing", t.label_smoothing, 0 <= t.label_smoothing < 1, "in [0, 1)"),
+              ("train.num_nodes", t.num_nodes, t.num_nodes is None or t.num_nodes >= 1, "at least 1")]
+    for name, stage in (("stage1", t.stage1), ("stage2", t.stage2)):
+        checks += [(f"train.{name}.epochs", stage.epochs, stage.epochs is None or stage.epochs >= 1, "at least 1"),
+                   (f"train.{name}.lr", stage.lr, stage.lr is None or stage.lr > 0, "above 0"),
+                   (f"train.{name}.weight_decay", stage.weight_decay, stage.weight_decay >= 0, ">= 0"),
+                   (f"train.{name}.warmup_epochs", stage.warmup_epochs, stage.warmup_epochs >= 0, ">= 0"),
+                   (f"train.{name}.patience", stage.patience, stage.patience >= 0, ">= 0")]
+    for key, value, good, rule in checks:
+        if not good:
+            raise ConfigError(f"{key} must be {rule}, got {value!r}.")
 
 
 def _check_distribution(t: TrainConfig) -> None:
