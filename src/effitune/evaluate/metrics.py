@@ -12,14 +12,19 @@ def top_k_accuracy(probabilities: np.ndarray, labels: np.ndarray, k: int) -> flo
 
 
 def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
-    """Accuracy, top-k, macro/weighted P/R/F1, per-class table and confusion matrix (JSON-ready)."""
+    """Accuracy, top-k, macro/weighted P/R/F1, per-class table and confusion matrix (JSON-ready).
+
+    Macro averages are over the classes the images have (a class of the model with no image here has
+    no recall to average; counting it as 0 would understate every score of a subset).
+    """
     predicted = probabilities.argmax(axis=1)
     indices = list(range(len(classes)))
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, predicted, labels=indices, zero_division=0)
+    present = [i for i in indices if support[i]] or indices
     summary = {}
-    for average in ("macro", "weighted"):
-        p, r, f, _ = precision_recall_fscore_support(labels, predicted, labels=indices, average=average,
+    for average, over in (("macro", present), ("weighted", indices)):
+        p, r, f, _ = precision_recall_fscore_support(labels, predicted, labels=over, average=average,
                                                      zero_division=0)
         summary[average] = {"precision": float(p), "recall": float(r), "f1": float(f)}
     return {
