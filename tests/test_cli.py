@@ -67,6 +67,31 @@ def test_predict_json_lines_and_bad_file(trained, tiny_dataset_module, tmp_path)
     assert lines[1]["path"] == str(broken) and "error" in lines[1]
 
 
+def test_predict_with_nothing_to_predict_says_so(trained, tmp_path):
+    out, _ = trained
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["predict", str(out / "model"), str(tmp_path / "empty")])
+    assert result.exit_code == 2 and "no images in" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["predict", str(out / "model"), str(tmp_path / "nomatch*.png")])
+    assert result.exit_code == 1 and "no file matches this pattern" in result.output  # like a missing file
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"no image")
+    result = runner.invoke(app, ["predict", str(out / "model"), str(tmp_path / "nomatch*.png"), str(broken), "--json"])
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.exit_code == 1 and lines[0]["error"] == "no file matches this pattern" and "error" in lines[1]
+
+
+def test_paths_that_cannot_be_written_are_one_clear_line(tiny_dataset_module, tmp_path):
+    taken = tmp_path / "a-file"
+    taken.write_text("not a folder")
+    for command in (["train", str(tiny_dataset_module), "--out", str(taken / "run")],
+                    ["scan", str(tiny_dataset_module), "--out", str(taken)]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2, result.output
+        assert str(taken) in result.output and "Check that the path is right" in result.output
+        assert "Traceback" not in result.output
+
+
 def test_evaluate_manifest_json(trained):
     out, summary = trained
     result = runner.invoke(app, ["evaluate", str(out / "model"), str(out / "manifest.csv"), "--json"])
@@ -107,6 +132,24 @@ def test_user_errors_are_one_clear_line(args, fragment, tmp_path, tiny_dataset_m
     assert result.exit_code == 2
     assert fragment in result.output
     assert "Traceback" not in result.output
+
+
+def test_ctrl_c_during_training_says_how_to_resume(tiny_dataset_module, tmp_path):
+    """Lightning catches Ctrl-C and exits 1 silently; effitune exits 130 and names the command to go on."""
+    out = tmp_path / "run"
+    env = {**os.environ, "EFFITUNE_CACHE": str(tmp_path / "cache")}
+    args = [sys.executable, "-m", "effitune.cli", "train", str(tiny_dataset_module), "--out", str(out),
+            "--epochs", "30", "--image-size", "64", "--unfreeze", "1", "--batch-size", "16"]
+    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    last = out / "checkpoints" / "stage1" / "last.ckpt"
+    while not last.is_file() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert last.is_file(), "stage 1 never started"
+    assert process.returncode == 130, stderr[-2000:]
+    assert f"effitune train --resume {out}" in " ".join(stderr.split()) and "Traceback" not in stderr
 
 
 def test_resume_after_kill(tiny_dataset_module, tmp_path):

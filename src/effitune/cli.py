@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .config import ConfigError, load_config
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn a folder of labelled images into a calibrated, deployable EfficientNet classifier.")
@@ -33,10 +33,20 @@ def user_errors(command):
         except (UserError, ConfigError) as error:
             err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err.print("interrupted")
+        except OSError as error:  # a path given that can't be read or written, a full disk: the OS says which
+            err.print(f"[bold red]error:[/] {_describe_os_error(error)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt as interrupt:
+            err.print(f"interrupted{': ' + str(interrupt) if str(interrupt) else ''}", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
     return wrapper
+
+
+def _describe_os_error(error: OSError) -> str:
+    where = f"{error.filename}" + (f" -> {error.filename2}" if error.filename2 else "") if error.filename else ""
+    reason = error.strerror or str(error)
+    return (f"{where + ': ' if where else ''}{reason}. Check that the path is right (a folder where a folder is "
+            "expected), that you may write there, and that the disk has room.")
 
 
 def _print_notices(result) -> None:
@@ -168,11 +178,15 @@ def train(data: Optional[Path] = typer.Argument(None, help="Data folder / CSV (n
                  "train.num_nodes": num_nodes, "train.strategy": strategy,
                  "train.logger": logger,
                  "train.seed": seed, "data.seed": seed}
-    if resume is None:
-        resolved = load_config(config, overrides)
-        result = run_train(data, out=out, config=resolved, manifest=manifest, unknown_dir=unknown_dir)
-    else:
-        result = run_train(resume=resume, unknown_dir=unknown_dir)
+    try:
+        if resume is None:
+            resolved = load_config(config, overrides)
+            result = run_train(data, out=out, config=resolved, manifest=manifest, unknown_dir=unknown_dir)
+        else:
+            result = run_train(resume=resume, unknown_dir=unknown_dir)
+    except KeyboardInterrupt:
+        raise Interrupted(f"finished phases and the last epoch's checkpoint are kept; go on with "
+                          f"`effitune train --resume {resume or out}`") from None
     from .distributed import is_main
 
     if json_output and is_main():  # under torchrun/srun every process gets here; rank 0 has the metrics
@@ -235,22 +249,34 @@ def predict(bundle: Path = typer.Argument(..., help="Model bundle folder."),
                                       shard=shard_spec or (0, 1),
                                       progress=lambda rows: status.update(f"predicting: {rows} images done"))
         err.print(summary.describe(), highlight=False, soft_wrap=True)
+        if summary.shard is None and not summary.rows:
+            raise UserError(_no_images(paths))
         if summary.errors:
             raise typer.Exit(1)
         return
-    failures = 0
+    failures, answered = 0, 0
     for result in predictor.iter_predict(paths, top_k=top_k, batch_size=batch_size, reject=reject):
         failures += "error" in result
+        answered += 1
         if json_output:
             sys.stdout.write(json.dumps(result, ensure_ascii=True) + "\n")
         elif "error" in result:
-            err.print(f"[red]{result['path']}: {result['error']}[/]", highlight=False)
+            err.print(f"[red]{escape(result['path'])}: {escape(result['error'])}[/]", highlight=False, soft_wrap=True)
         else:
             ranked = "  ".join(f"{t['label']} {t['probability']:.3f}" for t in result["top_k"])
             flag = f"unknown ({result['score_name']} {result['unknown_score']:.3f})\t" if result.get("unknown") else ""
             print(f"{result['path']}\t{flag}{ranked}")
+    if not answered:
+        raise UserError(_no_images(paths))
     if failures:
         raise typer.Exit(1)
+
+
+def _no_images(paths: List[str]) -> str:
+    from .data.images import IMAGE_EXTENSIONS
+
+    return (f"no images in {', '.join(paths)}: folders are searched (with their subfolders) for "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))} files.")
 
 
 @app.command()
@@ -348,10 +374,16 @@ def export(bundle: Path = typer.Argument(..., help="Model bundle folder."),
         return
     for name, info in results.items():
         parity = info.get("parity")
-        check = (f"max |logit diff| {parity['max_abs_logit_diff']:.1e}, top-1 agreement {parity['top1_agreement']:.1%}"
-                 if parity else f"test accuracy {info.get('onnx_accuracy') or float('nan'):.4f} -> "
-                 f"{info.get('accuracy') or float('nan'):.4f}, top-1 agreement {info['top1_agreement']:.1%}")
+        if parity:
+            check = (f"max |logit diff| {parity['max_abs_logit_diff']:.1e}, top-1 agreement "
+                     f"{parity['top1_agreement']:.1%}")
+        else:
+            accuracy = (f"test accuracy {info['onnx_accuracy']:.4f} -> {info['accuracy']:.4f}, "
+                        if info.get("accuracy") is not None else "no labelled test split, ")
+            check = f"{accuracy}top-1 agreement with fp32 {info['top1_agreement']:.1%} ({info['agreement_images']})"
         err.print(f"{bundle / info['file']}: {info['bytes'] / 1e6:.1f} MB; {check}", highlight=False)
+        if info.get("warning"):
+            err.print(f"[yellow]warning:[/] {escape(info['warning'])}", highlight=False)
 
 
 @app.command()
@@ -502,6 +534,10 @@ def tune(data: Optional[Path] = typer.Argument(None, help="Data folder / CSV (no
         base = load_config(config, {"model.backbone": model, "train.batch_size": batch_size})
     if trials < 1:
         raise UserError(f"--trials must be at least 1 (got {trials}).")
+    if budget is not None and budget <= 0:
+        raise UserError(f"--budget is in minutes and must be above 0 (got {budget}); leave it out for no limit.")
+    if confirm_top < 0 or confirm_seeds < 0:
+        raise UserError(f"--confirm-top and --confirm-seeds must be 0 or more (got {confirm_top}, {confirm_seeds}).")
     result = run_tune(data, out=out, trials=trials, budget_min=budget, config=base, manifest=manifest,
                       params=[p.strip() for p in params.split(",") if p.strip()] if params else None,
                       epochs=epochs, seed=seed, confirm_top=confirm_top, confirm_seeds=confirm_seeds)

@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """A user mistake; the message names the file or value and the fix."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT); the message says how to go on."""

@@ -148,10 +148,15 @@ def expand_sources(sources: Iterable[str | Path]) -> Iterator[str]:
                 for name in sorted(files):
                     if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                         yield os.path.join(root, name)
-        elif any(ch in text for ch in "*?[") and not os.path.exists(text):
-            yield from sorted(glob.glob(text, recursive=True))
+        elif _is_pattern(text):
+            # a pattern that matches nothing stays an input, answered "no file matches" like a missing file
+            yield from sorted(glob.glob(text, recursive=True)) or [text]
         else:
             yield text
+
+
+def _is_pattern(text: str) -> bool:
+    return any(ch in text for ch in "*?[") and not os.path.exists(text)
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -301,7 +306,7 @@ class Predictor:
             try:
                 pending.append((label, self.preprocess(source), None))
             except Exception as error:  # noqa: BLE001 - one bad file must not stop the others
-                pending.append((label, None, _describe(error)))
+                pending.append((label, None, _describe(error, label)))
             if len(pending) >= batch_size:
                 yield from self._finish(pending, top_k, reject, pass_images)
                 pending = []
@@ -338,9 +343,9 @@ def _with_expansion(sources) -> Iterator:
             yield from expand_sources([source])
 
 
-def _describe(error: Exception) -> str:
+def _describe(error: Exception, source: str = "") -> str:
     if isinstance(error, FileNotFoundError):
-        return "file not found"
+        return "no file matches this pattern" if _is_pattern(source) else "file not found"
     return f"cannot read image ({type(error).__name__}: {error})"
 
 

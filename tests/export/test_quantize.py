@@ -53,6 +53,28 @@ def test_without_manifest_calibration_folder_is_required(exported_run, tmp_path)
     assert 0 <= result["top1_agreement"] <= 1 and (lone / "model.int8.onnx").is_file()
 
 
+def test_export_int8_without_calibration_images_writes_nothing(exported_run, tmp_path):
+    from effitune.export.onnx import export_onnx
+
+    lone = tmp_path / "lone"
+    shutil.copytree(exported_run, lone, ignore=shutil.ignore_patterns("model*.onnx"))
+    with pytest.raises(UserError, match="--calibration DIR"):
+        export_onnx(lone, int8=True, samples=exported_run.parent / "data")
+    assert not list(lone.glob("*.onnx"))
+
+
+def test_int8_disagreeing_with_fp32_is_flagged(exported_run, tmp_path, monkeypatch):
+    """Without a labelled test split the agreement with fp32 is the only check: a low one warns."""
+    from effitune.export import quantize
+
+    lone = tmp_path / "lone"
+    shutil.copytree(exported_run, lone, ignore=shutil.ignore_patterns("model.int8.onnx"))
+    monkeypatch.setattr(quantize, "WARN_AGREEMENT", 1.01)  # whatever it measures is "too low"
+    with pytest.warns(UserWarning, match="picks another class than fp32 ONNX"):
+        result = quantize_int8(lone, exported_run.parent / "data" / "red", images=8)
+    assert "calibration images" in result["warning"] and (lone / "model.int8.onnx").is_file()
+
+
 def test_int8_gets_unknown_thresholds_of_its_own(exported_run, tmp_path):
     """INT8 features sit a little apart from the fp32 bank: the thresholds are fitted again on its outputs."""
     from effitune import ood

@@ -77,6 +77,9 @@ def export_onnx(bundle: str | Path, *, int8: bool = False, fp16: bool = False,
     """
     bundle = Path(bundle)
     meta = read_meta(bundle)
+    if int8 and calibration is None and manifest_images(bundle, meta, "train", 16) is None:
+        from .quantize import no_calibration
+        raise no_calibration(bundle)  # before anything is written
     network = load_network(bundle, meta)
     images, described = parity_images(bundle, meta, samples)
     model, exporter = to_onnx(network, int(meta["preprocessing"]["size"]))  # before TorchEngine: NCHW layout

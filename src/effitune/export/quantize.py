@@ -31,6 +31,7 @@ from .onnx import INPUT, as_images, manifest_images, record_export
 CALIBRATION_IMAGES = 200
 ACCURACY_IMAGES = 2000  # a test-split sample; enough to see a 1-point drop, small enough to stay quick
 WARN_DROP_POINTS = 1.0
+WARN_AGREEMENT = 0.97  # top-1 agreement with fp32 below which INT8 is flagged (the only check without labels)
 
 
 def quantize_int8(bundle: str | Path, calibration: str | Path | None = None, *, images: int = CALIBRATION_IMAGES,
@@ -64,6 +65,11 @@ def quantize_int8(bundle: str | Path, calibration: str | Path | None = None, *, 
                              f"{accuracy['accuracy_images']} test images (one image = "
                              f"{100 / accuracy['accuracy_images']:.2f} points); prefer model.onnx where accuracy "
                              "matters")
+    elif accuracy["top1_agreement"] < WARN_AGREEMENT:
+        result["warning"] = (f"INT8 picks another class than fp32 ONNX for {1 - accuracy['top1_agreement']:.1%} of "
+                             f"the {accuracy['agreement_images']}; prefer model.onnx where accuracy matters, or "
+                             "calibrate on more (and more typical) training images with --calibration")
+    if "warning" in result:
         warnings.warn(result["warning"], stacklevel=2)
     store_int8_thresholds(bundle, record_export(bundle, int8=result), thresholds)
     return result
@@ -116,10 +122,14 @@ def calibration_images(bundle: Path, meta: dict, calibration, limit: int) -> tup
         return images[np.random.default_rng(0).permutation(len(images))[:limit]], str(calibration)
     found = manifest_images(bundle, meta, "train", limit)
     if found is None:
-        raise UserError(f"INT8 calibration needs training images, and {bundle.parent / 'manifest.csv'} (the run's "
-                        "manifest) is not there or its images are gone. Pass --calibration DIR with a few hundred "
-                        "training images.")
+        raise no_calibration(bundle)
     return found[0], "train split (manifest.csv)"
+
+
+def no_calibration(bundle: Path) -> UserError:
+    return UserError(f"INT8 calibration needs training images, and {bundle.parent / 'manifest.csv'} (the run's "
+                     "manifest) is not there or its images are gone. Pass --calibration DIR with a few hundred "
+                     "training images.")
 
 
 def quantize_file(source: Path, target: Path, images: np.ndarray, per_channel: bool, keep_stem_float: bool) -> dict:

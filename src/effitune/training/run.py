@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import signal
 import statistics
 import time
 import uuid
@@ -362,6 +363,12 @@ def _fit_phase(network, phase: Phase, datamodule, inputs, config: Config, paths:
     last = checkpoint_dir / "last.ckpt"
     try:
         trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if last.is_file() else None)
+    except SystemExit:
+        if not trainer.interrupted:
+            raise
+        # Lightning answers Ctrl-C with sys.exit(1), SIGINT left ignored: a KeyboardInterrupt again
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise KeyboardInterrupt from None
     finally:
         network.to(memory_format=torch.contiguous_format)  # what export, bundles and predict expect
     best = torch.load(checkpoint.best_model_path or last, map_location="cpu", weights_only=True)
