@@ -18,6 +18,7 @@ import torch
 from conftest import make_colour_dataset
 
 from effitune import bundle as bundles
+from effitune import export
 from effitune.data.split import manifest_hash, write_manifest
 from effitune.errors import UserError
 from effitune.export import onnx as onnx_export
@@ -293,6 +294,12 @@ def test_legacy_graph_pads_fold_into_the_convolutions_and_the_network_is_left_al
     operations = {node.op_type for node in onnx.load(tmp_path / "optimized.onnx").graph.node}
     assert not operations & {"Pad", "Shape", "Ceil"}, operations
     assert not any("forward" in vars(layer) for layer in network.modules())
+    wrapper = torch.nn.Sequential(network)  # a new module trains; torch.onnx would hand that mode to all inside
+    network.backbone.classifier.train()  # one layer left training on purpose: it must stay so
+    export.torchscript_graph(wrapper, (images,), ["images"], ["logits"], onnx_export.OPSET)
+    assert wrapper.training and network.backbone.classifier.training
+    assert not any(layer.training for layer in network.backbone.blocks.modules())
+    network.backbone.classifier.eval()
     with torch.no_grad():
         assert torch.equal(network(images), before)
         assert network(torch.rand(1, 3, 80, 72)).shape == before[:1].shape  # any size again

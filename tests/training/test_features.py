@@ -215,3 +215,15 @@ def test_onnx_runtime_threads_sleep_when_loader_workers_share_the_cores(tmp_path
     monkeypatch.setattr(onnxruntime, "InferenceSession", recording)
     compute_activations(network, dataset, [1], tmp_path / "features", views=2, batch_size=2, workers=workers)
     assert seen == [spinning]
+
+
+def test_frozen_layers_stay_in_pytorch_when_onnx_runtime_disagrees(tmp_path, monkeypatch):
+    """The exported frozen layers are checked against PyTorch once, before any image is cached with them."""
+    from effitune.training import features
+
+    network, _ = tiny_augmented_pass(tmp_path, seed=6)
+    run = features.onnx_capture(network, [1, 2], 32)
+    assert run is not None and features._largest_difference(run, features._CaptureModule(network, [1, 2]), 32) < 1e-4
+    monkeypatch.setattr(features, "_largest_difference", lambda run, module, size: 0.5)
+    with pytest.warns(UserWarning, match="PyTorch eager.*differs from it by up to 5.0e-01"):
+        assert features.onnx_capture(network, [1, 2], 32) is None

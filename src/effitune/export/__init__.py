@@ -28,7 +28,8 @@ def torchscript_graph(module, example: tuple, inputs: list[str], outputs: list[s
 
     ~0.4 s for lite0 (the dynamo exporter: ~8 s); what training's ONNX Runtime passes use (the frozen
     layers in `training.features`, the pass after the phases in `export.onnx.in_memory_engine`).
-    The graph is for `example`'s height and width only (`static_same_padding`).
+    The graph is for `example`'s height and width only (`static_same_padding`), in inference mode;
+    every submodule comes back in the mode it had (torch.onnx would set them all to the top module's).
     """
     import io
     import warnings
@@ -36,9 +37,10 @@ def torchscript_graph(module, example: tuple, inputs: list[str], outputs: list[s
     import torch
 
     buffer = io.BytesIO()
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), \
-            static_same_padding(module, example):
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), modes_kept(module), \
+            static_same_padding(module.eval(), example):
         warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter is deprecated, still proven
+        warnings.simplefilter("ignore", UserWarning)  # its constant-folding notes; both callers check the result
         torch.onnx.export(module, example, buffer, dynamo=False, input_names=inputs, output_names=outputs,
                           opset_version=opset, dynamic_axes={name: {0: "batch"} for name in (*inputs, *outputs)})
     return _pads_fusable(buffer.getvalue())
@@ -60,6 +62,17 @@ def _pads_fusable(graph: bytes) -> bytes:
     for node in pads:
         del node.input[2]
     return model.SerializeToString() if pads else graph
+
+
+@contextlib.contextmanager
+def modes_kept(module):
+    """Each submodule's training flag as it was before the block."""
+    modes = [(layer, layer.training) for layer in module.modules()]
+    try:
+        yield
+    finally:
+        for layer, training in modes:
+            layer.training = training
 
 
 @contextlib.contextmanager
