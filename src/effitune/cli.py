@@ -178,6 +178,13 @@ def train(data: Optional[Path] = typer.Argument(None, help="Data folder / CSV (n
                  "train.num_nodes": num_nodes, "train.strategy": strategy,
                  "train.logger": logger,
                  "train.seed": seed, "data.seed": seed}
+    if resume is not None:
+        given = [f"--{key.split('.')[-1].replace('_', '-')}" for key, value in overrides.items() if value is not None]
+        given += [flag for flag, value in (("DATA", data), ("--config", config), ("--manifest", manifest)) if value]
+        if given:
+            raise UserError(f"--resume continues {resume} with the settings it started with; "
+                            f"{', '.join(dict.fromkeys(given))} "
+                            "cannot change them. Leave them out, or start a new run with another --out.")
     try:
         if resume is None:
             resolved = load_config(config, overrides)

@@ -87,7 +87,8 @@ def drift_report(detector: UnknownDetector, classes: list[str], logits: np.ndarr
         "class_shift": float(0.5 * np.abs(predicted - reference_share).sum()),  # total variation distance
         "per_class": [{"class": name, "reference_share": float(reference_share[i]), "new_share": float(predicted[i])}
                       for i, name in enumerate(classes)],
-        "verdict": verdict, "message": _message(verdict, score, p_value, unknown_share, expected, class_note),
+        "verdict": verdict, "message": _message(verdict, score, p_value, unknown_share, expected, unknown_p,
+                                                       class_note),
     }
 
 
@@ -100,14 +101,18 @@ def _verdict(score: float, p_value: float, unknown_share: float) -> str:
 
 
 def _message(verdict: str, score: float, p_value: float, unknown_share: float, expected: float,
-             class_note: str) -> str:
-    flagged = f"{unknown_share:.0%} of the new images look like no known class (about {expected:.0%} expected)"
+             unknown_p: float, class_note: str) -> str:
+    features = f"feature shift MMD^2 {score:.4f} (p = {p_value:.3f})"
+    flagged = (f"{unknown_share:.0%} of the new images look like no known class, against {expected:.0%} of the "
+               f"validation images (p = {unknown_p:.3f})")
     if verdict == "no drift detected":
-        return f"No drift detected: the new images' features match the validation ones (p = {p_value:.3f}); {flagged}."
+        return f"No drift detected: {features}; {flagged}."
+    because = " and ".join(name for name, p in (("the features moved", p_value), ("more images look unknown",
+                                                                                  unknown_p)) if p < ALPHA)
     advice = ("the model is seeing a different kind of image: check the source, label a sample and re-train"
               if verdict == "strong" else "the new images differ measurably from validation: check accuracy on a "
               "labelled sample")
-    return f"{verdict.capitalize()} drift (MMD^2 {score:.3f}, p = {p_value:.3f}); {flagged}; {class_note}; {advice}."
+    return f"{verdict.capitalize()} drift: {because}. {features}; {flagged}; {class_note}; {advice}."
 
 
 def check(predictor, sources: Iterable, seed: int = 0) -> dict:

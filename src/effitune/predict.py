@@ -344,6 +344,8 @@ def _with_expansion(sources) -> Iterator:
 
 
 def _describe(error: Exception, source: str = "") -> str:
+    if isinstance(error, FileNotFoundError) and is_url(source) and not source.startswith("file:"):
+        return "could not fetch it: no such address, or this machine cannot reach it"  # fsspec says both this way
     if isinstance(error, FileNotFoundError):
         return "no file matches this pattern" if _is_pattern(source) else "file not found"
     return f"cannot read image ({type(error).__name__}: {error})"

@@ -374,3 +374,11 @@ def test_an_elongated_image_is_cropped_before_it_is_resized(monkeypatch):
     out = resize_center_crop(Image.new("RGB", (16, 40_000), (10, 20, 30)), 224)
     assert out.size == (224, 224) and out.getpixel((100, 100)) == (10, 20, 30)
     assert max(w * h for w, h in requested) <= 224 * 224
+
+
+def test_class_names_that_differ_only_in_case_or_separators_are_pointed_out(tmp_path):
+    make_image_tree(tmp_path / "data", {"Cat": 2, "cat": 2, "sea lion": 2, "sea_lion": 2, "dog": 2})
+    result = scan(tmp_path / "data", out=tmp_path / "out", workers=1)
+    look_alike = [notice for notice in result.notices if "differ only in case" in notice]
+    assert len(look_alike) == 2 and "'Cat', 'cat'" in look_alike[0] and "'sea lion', 'sea_lion'" in look_alike[1]
+    assert result.per_class == {"Cat": 2, "cat": 2, "dog": 2, "sea lion": 2, "sea_lion": 2}  # still all trained

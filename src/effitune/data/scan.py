@@ -314,6 +314,17 @@ def _plan(root: Path) -> tuple[str, list[Unit], Counter]:
     return layout, sorted(units), skipped
 
 
+def _look_alike_classes(labels: list[str]) -> list[str]:
+    """Class names that differ only in case, spaces, '-' or '_': most likely one class typed twice
+    (and one folder on a case-insensitive disk)."""
+    groups: dict[str, list[str]] = {}
+    for label in labels:
+        groups.setdefault(re.sub(r"[\s_-]+", " ", label).strip().casefold(), []).append(label)
+    return [f"classes {', '.join(repr(printable(name)) for name in names)} differ only in case, spaces, '-' or '_' "
+            "and are trained as different classes; merge their folders if they are one class."
+            for names in groups.values() if len(names) > 1]
+
+
 def _list_dir(directory: Path, skipped: Counter) -> list[os.DirEntry]:
     with os.scandir(directory) as entries:
         listing = list(entries)
@@ -350,7 +361,7 @@ class ScanResult:
         left_out = [f"class {printable(label)!r} has no usable images ({self.rejected_per_class.get(label, 0)} "
                     f"rejected; reasons in {self.records_path}): it is left out. Fix or convert its files, or "
                     f"remove its {'rows' if self.layout == 'csv' else 'folder'}." for label in self.empty_classes]
-        return left_out + self.warnings
+        return left_out + _look_alike_classes(list(self.per_class)) + self.warnings
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)

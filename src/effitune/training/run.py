@@ -158,9 +158,16 @@ def _open_run(data, out, config, manifest, resume) -> tuple[RunPaths, Config, li
     if paths.state.is_file():
         raise UserError(f"{paths.root} already holds a run. Continue it with `--resume {paths.root}` or pass "
                         "another --out folder.")
+    created = not paths.root.exists()
     paths.root.mkdir(parents=True, exist_ok=True)
     config = config or Config()
-    rows = sorted(read_manifest(manifest) if manifest else _scan_and_split(data, paths, config), key=manifest_order)
+    try:
+        rows = sorted(read_manifest(manifest) if manifest else _scan_and_split(data, paths, config),
+                      key=manifest_order)
+    except UserError:
+        if created and not any(paths.root.iterdir()):
+            paths.root.rmdir()  # a refused run leaves no empty folder behind (one inside the data would be a class)
+        raise
     distributed.on_main(write_manifest, rows, paths.manifest)
     return paths, config, rows
 
