@@ -1,6 +1,7 @@
 """The CLI end to end through the real entry point, on a tiny generated dataset."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,6 +80,19 @@ def test_predict_with_nothing_to_predict_says_so(trained, tmp_path):
     result = runner.invoke(app, ["predict", str(out / "model"), str(tmp_path / "nomatch*.png"), str(broken), "--json"])
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert result.exit_code == 1 and lines[0]["error"] == "no file matches this pattern" and "error" in lines[1]
+
+
+def test_resume_refuses_settings_it_would_ignore(tmp_path):
+    result = runner.invoke(app, ["train", "--resume", str(tmp_path), "--epochs", "2", "--seed", "3", "--frozen-bn"])
+    assert result.exit_code == 2 and "--epochs, --frozen-bn, --seed cannot change them" in " ".join(result.output.split())
+
+
+def test_a_refused_run_leaves_no_folder_behind(tiny_dataset_module, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset_module, data)
+    result = runner.invoke(app, ["train", str(data), "--out", str(data / "run")])
+    assert result.exit_code == 2 and "inside the data folder" in result.output
+    assert not (data / "run").exists()  # it would be read as a class folder next time
 
 
 def test_paths_that_cannot_be_written_are_one_clear_line(tiny_dataset_module, tmp_path):

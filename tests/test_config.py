@@ -1,6 +1,8 @@
+from pathlib import Path
+
 import pytest
 
-from effitune.config import Config, ConfigError, load_config
+from effitune.config import Config, ConfigError, config_from_dict, load_config, save_config
 
 
 def test_defaults_file_then_flags(tmp_path):
@@ -27,7 +29,7 @@ def test_unknown_key_suggests(tmp_path):
     ({"unknown.score": "knnn"}, "mahalanobis"),
     ({"train.batch_size": "lots"}, "'train.batch_size' must be a whole number, got 'lots'"),
     ({"train.stage1.epochs": 1.5}, "must be a whole number, got 1.5"),
-    ({"train.label_smoothing": "0.1"}, "must be a number"),
+    ({"train.label_smoothing": "a little"}, "must be a number"),
     ({"train.feature_cache": "no"}, "must be true or false"),
     ({"model.dropout": 1.5}, r"model.dropout must be in \[0, 1\)"),
     ({"train.stage1.lr": -1}, "train.stage1.lr must be above 0"),
@@ -46,6 +48,23 @@ def test_yaml_numbers_take_the_fields_type(tmp_path):
     assert (config.train.unfreeze, config.train.devices) == ("2", "1")
     assert config.train.stage1.epochs == 3 and isinstance(config.train.stage1.epochs, int)
     assert config.train.stage1.lr == 1.0 and isinstance(config.train.stage1.lr, float)
+
+
+def test_a_saved_config_loads_back_as_it_was(tmp_path):
+    """Saved configs (runs, bundles, tune's base.yaml) hold nulls such as stage2.lr: they must load again."""
+    config = load_config(overrides={"train.stage1.epochs": 5, "data.image_size": 96})
+    assert config_from_dict(config.to_dict()) == config and config.train.stage2.lr is None
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+
+
+def test_values_python_callers_pass_are_taken():
+    import numpy as np
+
+    config = load_config(overrides={"model.weights": Path("w.pth"), "train.stage1.epochs": np.int64(3),
+                                    "train.stage1.lr": "1e-3", "train.unfreeze": 2})
+    assert (config.model.weights, config.train.stage1.epochs, config.train.stage1.lr, config.train.unfreeze) == \
+        ("w.pth", 3, 0.001, "2")
 
 
 def test_missing_and_bad_files(tmp_path):

@@ -165,6 +165,11 @@ def test_drift_report_on_arrays(detector):
     shifted = drift.drift_report(found, classes, *clusters(100, seed=7, shift=8.0)[:2])
     assert held_out["verdict"] == "no drift detected" and abs(held_out["drift_score"]) < 0.01
     assert shifted["verdict"] == "strong" and shifted["unknown_share"] > 0.9
+    # the message says which test found it and quotes each test's own p-value
+    assert held_out["message"].startswith("No drift detected: feature shift MMD^2")
+    assert shifted["message"].startswith("Strong drift: the features moved and more images look unknown.")
+    assert f"(p = {shifted['p_value']:.3f})" in shifted["message"]
+    assert f"(p = {shifted['unknown_p_value']:.3f})" in shifted["message"]
     assert [row["class"] for row in shifted["per_class"]] == classes
 
 

@@ -246,7 +246,7 @@ def _numbered(sources, index: int, count: int, fingerprint: _Fingerprint) -> Ite
 def _predict_numbered(predictor: Predictor, numbered, top_k: int, batch_size: int,
                       reject: bool) -> Iterator[tuple[int, dict]]:
     """Predictor.iter_predict over already-expanded sources, each result paired with its index."""
-    positions: deque[int] = deque()  # at most one batch of indices in flight
+    positions: deque[int] = deque()  # indices in flight: iter_predict's lookahead (long_pass) + one batch
 
     def feed() -> Iterator[str | bytes]:
         for position, source in numbered:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -33,19 +34,24 @@ def user_errors(command):
         except (UserError, ConfigError) as error:
             err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except BrokenPipeError:  # `effitune predict ... | head`: the reader has gone, nothing to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(141) from None
         except OSError as error:  # a path given that can't be read or written, a full disk: the OS says which
-            err.print(f"[bold red]error:[/] {_describe_os_error(error)}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(_describe_os_error(error))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt as interrupt:
-            err.print(f"interrupted{': ' + str(interrupt) if str(interrupt) else ''}", highlight=False, soft_wrap=True)
+            err.print(f"interrupted{': ' + escape(str(interrupt)) if str(interrupt) else ''}", highlight=False,
+                      soft_wrap=True)
             raise typer.Exit(130) from None
     return wrapper
 
 
 def _describe_os_error(error: OSError) -> str:
-    where = f"{error.filename}" + (f" -> {error.filename2}" if error.filename2 else "") if error.filename else ""
-    reason = error.strerror or str(error)
-    return (f"{where + ': ' if where else ''}{reason}. Check that the path is right (a folder where a folder is "
+    if not error.filename:
+        return f"{type(error).__name__}: {error}"
+    where = f"{error.filename}" + (f" -> {error.filename2}" if error.filename2 else "")
+    return (f"{where}: {error.strerror or error}. Check that the path is right (a folder where a folder is "
             "expected), that you may write there, and that the disk has room.")
 
 
@@ -179,7 +185,10 @@ def train(data: Optional[Path] = typer.Argument(None, help="Data folder / CSV (n
                  "train.logger": logger,
                  "train.seed": seed, "data.seed": seed}
     if resume is not None:
-        given = [f"--{key.split('.')[-1].replace('_', '-')}" for key, value in overrides.items() if value is not None]
+        flags = {"train.train_bn": ("--train-bn", "--frozen-bn"), "train.feature_cache": ("--feature-cache",
+                                                                                        "--no-feature-cache")}
+        given = [flags[key][value is False] if key in flags else f"--{key.split('.')[-1].replace('_', '-')}"
+                 for key, value in overrides.items() if value is not None]
         given += [flag for flag, value in (("DATA", data), ("--config", config), ("--manifest", manifest)) if value]
         if given:
             raise UserError(f"--resume continues {resume} with the settings it started with; "
@@ -192,8 +201,13 @@ def train(data: Optional[Path] = typer.Argument(None, help="Data folder / CSV (n
         else:
             result = run_train(resume=resume, unknown_dir=unknown_dir)
     except KeyboardInterrupt:
-        raise Interrupted(f"finished phases and the last epoch's checkpoint are kept; go on with "
-                          f"`effitune train --resume {resume or out}`") from None
+        from .training.run import RunPaths
+
+        folder = resume or out
+        if RunPaths(folder).config.is_file() and (RunPaths(folder).manifest.is_file()):
+            raise Interrupted(f"finished phases and the last epoch's checkpoint are kept; go on with "
+                              f"`effitune train --resume {folder}`") from None
+        raise Interrupted("before training started: run the same command again") from None
     from .distributed import is_main
 
     if json_output and is_main():  # under torchrun/srun every process gets here; rank 0 has the metrics
@@ -373,9 +387,13 @@ def export(bundle: Path = typer.Argument(..., help="Model bundle folder."),
            samples: Optional[Path] = typer.Option(None, help="Images for the parity check when there is no manifest."),
            json_output: bool = typer.Option(False, "--json")):
     """Export to ONNX, written only if ONNX Runtime matches PyTorch on real images; optional INT8/fp16."""
+    import warnings
+
     from .export import export as run_export
 
-    results = run_export(bundle, fmt, int8=int8, fp16=fp16, calibration=calibration, samples=samples)
+    with warnings.catch_warnings():  # an INT8 warning is printed below, once
+        warnings.filterwarnings("ignore", message="INT8 ")
+        results = run_export(bundle, fmt, int8=int8, fp16=fp16, calibration=calibration, samples=samples)
     if json_output:
         print_json(results)
         return

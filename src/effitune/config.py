@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import numbers
+import os
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 
@@ -44,7 +47,7 @@ class ModelConfig:
 @dataclass
 class StageConfig:
     epochs: int | None = None  # None = chosen from the dataset size
-    lr: float = 1e-3  # peak learning rate (AdamW)
+    lr: float | None = 1e-3  # peak learning rate (AdamW); stage 2's None = stage 1's x train.lr_factor
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.5  # linear warmup, then cosine decay to lr/100
     patience: int = 3  # early stopping on validation accuracy
@@ -114,14 +117,15 @@ def _typed(value: Any, hint: Any, key: str) -> Any:
     if value is None and len(kinds) < len(typing.get_args(hint) or (hint,)):
         return None
     kind = kinds[0]
-    if kind is bool and isinstance(value, bool):
-        return value
-    if kind is int and isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer():
+    if kind is bool and isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    number = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if kind is int and number and float(value).is_integer():
         return int(value)
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if kind is str and isinstance(value, (str, int)) and not isinstance(value, bool):
-        return str(value)
+    if kind is float and (number or isinstance(value, str) and _is_float(value)):
+        return float(value)  # a string too: YAML 1.1 reads 1e-3 (no dot) as one
+    if kind is str and (isinstance(value, (str, os.PathLike)) or number and float(value).is_integer()):
+        return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
     expected = {bool: "true or false", int: "a whole number", float: "a number", str: "a word"}[kind]
     raise ConfigError(f"Config key '{key}' must be {expected}, got {value!r}.")
 
@@ -184,6 +188,14 @@ def validate(config: Config) -> None:
         raise ConfigError(f"unknown.target_tpr ({config.unknown.target_tpr}) must be in (0, 1].")
 
 
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_ranges(config: Config) -> None:
     d, m, t = config.data, config.model, config.train
     checks = [("data.image_size", d.image_size, d.image_size is None or d.image_size >= 32, "at least 32 (pixels)"),
@@ -197,8 +209,8 @@ def _check_ranges(config: Config) -> None:
               ("train.auto_patience", t.auto_patience, t.auto_patience >= 0, ">= 0"),
               ("train.time_budget_min", t.time_budget_min, t.time_budget_min is None or t.time_budget_min > 0,
                "above 0 (minutes)"),
-              ("train.label_smoothing", t.label_smoothing, 0 <= t.label_smoothing < 1, "in [0, 1)"),
-              ("train.num_nodes", t.num_nodes, t.num_nodes is None or t.num_nodes >= 1, "at least 1")]
+              ("train.label_smoothing", t.label_smoothing, 0 <= t.label_smoothing < 1, "in [0, 1)")]
+    # devices, num_nodes and strategy: distributed.check_settings
     for name, stage in (("stage1", t.stage1), ("stage2", t.stage2)):
         checks += [(f"train.{name}.epochs", stage.epochs, stage.epochs is None or stage.epochs >= 1, "at least 1"),
                    (f"train.{name}.lr", stage.lr, stage.lr is None or stage.lr > 0, "above 0"),

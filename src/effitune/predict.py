@@ -9,6 +9,7 @@ import functools
 import glob
 import itertools
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -173,6 +174,7 @@ class Predictor:
 
     def __init__(self, folder: str | Path, device: str = "cpu", backend: str = "auto"):
         self._in_memory = None  # pass_engine's ONNX Runtime engine: None until tried, False if unavailable
+        self._exporting = threading.Lock()
         self.folder = Path(folder)
         self.meta = read_meta(self.folder)
         self.classes: list[str] = list(self.meta["classes"])
@@ -263,6 +265,10 @@ class Predictor:
         """
         if self.backend != "torch" or self.device != "cpu" or not len(sample) or images < self.long_pass:
             return self.engine
+        with self._exporting:  # the server's worker threads share one predictor: one export
+            return self._in_memory_engine(sample) or self.engine
+
+    def _in_memory_engine(self, sample: np.ndarray):
         if self._in_memory is None:
             try:
                 from .export.onnx import in_memory_engine
@@ -272,7 +278,7 @@ class Predictor:
                 self._in_memory = False
             else:
                 self._in_memory = in_memory_engine(self.network, sample) or False
-        return self._in_memory or self.engine
+        return self._in_memory
 
     def logits(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         return self.run(images, batch_size)[0]
@@ -285,7 +291,7 @@ class Predictor:
         return list(self.iter_predict(sources, top_k=top_k, batch_size=batch_size, reject=reject))
 
     def iter_predict(self, sources, top_k: int = 5, batch_size: int = 32, reject: bool = True,
-                     expand: bool = True) -> Iterator[dict]:
+                     expand: bool = True, lookahead: bool = True) -> Iterator[dict]:
         """Streams results in input order; a file that fails gets an `error` entry and the rest go on.
 
         `expand=False` takes every source as one file (already expanded): exactly one result each.
@@ -296,9 +302,11 @@ class Predictor:
 
         A stream of `long_pass` images or more runs on `pass_engine` (on a CPU, ONNX Runtime without an
         exported file): the first `long_pass` sources are listed ahead (names, not pixels) to know.
+        `lookahead=False` answers each batch as soon as its sources arrive (a slow generator: camera
+        frames, a watched folder), on this predictor's own engine.
         """
         sources = iter(_with_expansion(sources) if expand else sources)
-        ahead = list(itertools.islice(sources, self.long_pass))  # names only: is this a long pass?
+        ahead = list(itertools.islice(sources, self.long_pass if lookahead else 0))  # names only: a long pass?
         pass_images = len(ahead)
         pending: list[tuple[str, np.ndarray | None, str | None]] = []
         for source in itertools.chain(ahead, sources):

@@ -99,7 +99,8 @@ def test_predict_urls_streams_with_a_clear_error_for_a_missing_one(memory_images
     results = predictor.predict([*urls, missing])
     assert [r["path"] for r in results] == [*urls, missing]
     assert np.allclose(results[1]["probability"], predictor.predict([png(1)])[0]["probability"])
-    assert results[-1] == {"path": missing, "error": "file not found"}
+    assert results[-1] == {"path": missing, "error": "could not fetch it: no such address, or this machine cannot "
+                                                     "reach it"}
     summary = predict_to_file(predictor, [*urls, missing], tmp_path / "out.jsonl", batch_size=3)
     lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert lines == results and summary.errors == 1

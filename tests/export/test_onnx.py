@@ -267,6 +267,39 @@ def test_a_long_predict_stream_runs_in_onnx_runtime_with_the_same_answers(export
                                atol=1e-4)
 
 
+def test_the_first_results_of_a_slow_stream_need_not_wait_for_the_lookahead(exported_run):
+    pulled = []
+
+    def camera():  # sources that arrive one by one
+        for path in sorted((exported_run.parent / "data").rglob("*.png"))[:3]:
+            pulled.append(path)
+            yield path
+
+    results = Predictor(exported_run, backend="torch").iter_predict(camera(), batch_size=1, lookahead=False)
+    assert "label" in next(results) and len(pulled) == 1
+
+
+def test_server_threads_sharing_a_predictor_export_once(exported_run, monkeypatch):
+    import threading
+    import time
+
+    exports = []
+
+    def slow_export(network, sample):
+        exports.append(1)
+        time.sleep(0.2)
+        return None  # as if the check failed: PyTorch
+    monkeypatch.setattr(onnx_export, "in_memory_engine", slow_export)
+    predictor = Predictor(exported_run, backend="torch")
+    sample = images(2)
+    threads = [threading.Thread(target=predictor.pass_engine, args=(sample, 10_000)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert exports == [1] and predictor.pass_engine(sample, 10_000) is predictor.engine
+
+
 def test_run_on_a_long_array_uses_the_pass_engine(exported_run, monkeypatch, tmp_path):
     predictor = Predictor(copy_run(exported_run, tmp_path / "torch-only"))
     batch = images(6)

@@ -102,14 +102,14 @@ def static_same_padding(module, example: tuple):
         for hook in hooks:
             hook.remove()
     fixed = [layer for layer in layers if len(sizes[layer]) == 1]
-    for layer in fixed:
-        padding = pad_same_arg(list(*sizes[layer]), layer.weight.shape[-2:], layer.stride, layer.dilation)
-        layer.forward = functools.partial(_constant_padding_conv, layer, tuple(int(p) for p in padding))
     try:
+        for layer in fixed:
+            padding = pad_same_arg(list(*sizes[layer]), layer.weight.shape[-2:], layer.stride, layer.dilation)
+            layer.forward = functools.partial(_constant_padding_conv, layer, tuple(int(p) for p in padding))
         yield
     finally:
         for layer in fixed:
-            del layer.forward
+            layer.__dict__.pop("forward", None)
 
 
 def _constant_padding_conv(layer, padding: tuple[int, int, int, int], x):

@@ -65,7 +65,7 @@ def quantize_int8(bundle: str | Path, calibration: str | Path | None = None, *, 
                              f"{accuracy['accuracy_images']} test images (one image = "
                              f"{100 / accuracy['accuracy_images']:.2f} points); prefer model.onnx where accuracy "
                              "matters")
-    elif accuracy["top1_agreement"] < WARN_AGREEMENT:
+    elif accuracy["accuracy"] is None and accuracy["top1_agreement"] < WARN_AGREEMENT:
         result["warning"] = (f"INT8 picks another class than fp32 ONNX for {1 - accuracy['top1_agreement']:.1%} of "
                              f"the {accuracy['agreement_images']}; prefer model.onnx where accuracy matters, or "
                              "calibrate on more (and more typical) training images with --calibration")

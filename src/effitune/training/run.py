@@ -22,6 +22,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from rich.markup import escape
 from safetensors.torch import load_file, save_file
@@ -164,7 +165,7 @@ def _open_run(data, out, config, manifest, resume) -> tuple[RunPaths, Config, li
     try:
         rows = sorted(read_manifest(manifest) if manifest else _scan_and_split(data, paths, config),
                       key=manifest_order)
-    except UserError:
+    except (UserError, KeyboardInterrupt):
         if created and not any(paths.root.iterdir()):
             paths.root.rmdir()  # a refused run leaves no empty folder behind (one inside the data would be a class)
         raise
@@ -368,13 +369,15 @@ def _fit_phase(network, phase: Phase, datamodule, inputs, config: Config, paths:
                         enable_progress_bar=progress,
                         default_root_dir=paths.root)
     last = checkpoint_dir / "last.ckpt"
+    on_ctrl_c = signal.getsignal(signal.SIGINT)
     try:
         trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if last.is_file() else None)
-    except SystemExit:
-        if not trainer.interrupted:
-            raise
+    except SystemExit as exit_:
         # Lightning answers Ctrl-C with sys.exit(1), SIGINT left ignored: a KeyboardInterrupt again
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        # (SIGTERM, e.g. a preempted SLURM job, is its SIGTERMException: that stays what it is)
+        if isinstance(exit_, SIGTERMException) or exit_.code != 1 or not trainer.interrupted:
+            raise
+        signal.signal(signal.SIGINT, on_ctrl_c)
         raise KeyboardInterrupt from None
     finally:
         network.to(memory_format=torch.contiguous_format)  # what export, bundles and predict expect
