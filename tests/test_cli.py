@@ -154,7 +154,9 @@ def test_ctrl_c_during_training_says_how_to_resume(tiny_dataset_module, tmp_path
     env = {**os.environ, "EFFITUNE_CACHE": str(tmp_path / "cache")}
     args = [sys.executable, "-m", "effitune.cli", "train", str(tiny_dataset_module), "--out", str(out),
             "--epochs", "30", "--image-size", "64", "--unfreeze", "1", "--batch-size", "16"]
-    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # as from a terminal: a job started in the background of a script (CI) inherits SIGINT ignored
+    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     last = out / "checkpoints" / "stage1" / "last.ckpt"
     while not last.is_file() and time.time() < deadline and process.poll() is None:
