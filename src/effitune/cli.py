@@ -185,15 +185,7 @@ def train(data: Optional[Path] = typer.Argument(None, help="Data folder / CSV (n
                  "train.logger": logger,
                  "train.seed": seed, "data.seed": seed}
     if resume is not None:
-        flags = {"train.train_bn": ("--train-bn", "--frozen-bn"), "train.feature_cache": ("--feature-cache",
-                                                                                        "--no-feature-cache")}
-        given = [flags[key][value is False] if key in flags else f"--{key.split('.')[-1].replace('_', '-')}"
-                 for key, value in overrides.items() if value is not None]
-        given += [flag for flag, value in (("DATA", data), ("--config", config), ("--manifest", manifest)) if value]
-        if given:
-            raise UserError(f"--resume continues {resume} with the settings it started with; "
-                            f"{', '.join(dict.fromkeys(given))} "
-                            "cannot change them. Leave them out, or start a new run with another --out.")
+        _refuse_settings_beside_resume(resume, overrides, {"DATA": data, "--config": config, "--manifest": manifest})
     try:
         if resume is None:
             resolved = load_config(config, overrides)
@@ -201,17 +193,34 @@ def train(data: Optional[Path] = typer.Argument(None, help="Data folder / CSV (n
         else:
             result = run_train(resume=resume, unknown_dir=unknown_dir)
     except KeyboardInterrupt:
-        from .training.run import RunPaths
-
-        folder = resume or out
-        if RunPaths(folder).config.is_file() and (RunPaths(folder).manifest.is_file()):
-            raise Interrupted(f"finished phases and the last epoch's checkpoint are kept; go on with "
-                              f"`effitune train --resume {folder}`") from None
-        raise Interrupted("before training started: run the same command again") from None
+        raise _interrupted(resume or out) from None
     from .distributed import is_main
 
     if json_output and is_main():  # under torchrun/srun every process gets here; rank 0 has the metrics
         print_json({"run_dir": str(result.run_dir), "bundle": str(result.bundle), "metrics": result.metrics})
+
+
+def _refuse_settings_beside_resume(resume: Path, overrides: dict, arguments: dict) -> None:
+    """--resume continues with the run's saved config: any setting given beside it would be ignored."""
+    flags = {"train.train_bn": ("--train-bn", "--frozen-bn"), "train.feature_cache": ("--feature-cache",
+                                                                                    "--no-feature-cache")}
+    given = [flags[key][value is False] if key in flags else f"--{key.split('.')[-1].replace('_', '-')}"
+             for key, value in overrides.items() if value is not None]
+    given += [name for name, value in arguments.items() if value]
+    if given:
+        raise UserError(f"--resume continues {resume} with the settings it started with; "
+                        f"{', '.join(dict.fromkeys(given))} cannot change them. Leave them out, or start a new "
+                        "run with another --out.")
+
+
+def _interrupted(folder: Path) -> Interrupted:
+    from .training.run import RunPaths
+
+    paths = RunPaths(folder)
+    if paths.config.is_file() and paths.manifest.is_file():
+        return Interrupted(f"finished phases and the last epoch's checkpoint are kept; go on with "
+                           f"`effitune train --resume {folder}`")
+    return Interrupted("before training started: run the same command again")
 
 
 @app.command()
@@ -368,7 +377,8 @@ def serve(bundle: Path = typer.Argument(..., help="Model bundle folder."),
                         'pip install "effitune[serve]"') from None
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         err.print(f"[yellow]warning:[/] listening on {host} without an API key: anyone who can reach it can use it")
-    application = create_app(load(bundle, backend=backend), api_key=api_key, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+    application = create_app(load(bundle, backend=backend), api_key=api_key,
+                             max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                              max_images=max_images, timeout_s=timeout, workers=workers,
                              batch_window_ms=batch_window_ms)
     if threads:  # cores / workers avoids oversubscription on a quiet machine; measure before choosing

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 
@@ -117,9 +116,10 @@ def _typed(value: Any, hint: Any, key: str) -> Any:
     if value is None and len(kinds) < len(typing.get_args(hint) or (hint,)):
         return None
     kind = kinds[0]
-    if kind is bool and isinstance(value, (bool, np.bool_)):
+    boolean = isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", "") == "b"  # numpy's too
+    if kind is bool and boolean:
         return bool(value)
-    number = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    number = isinstance(value, numbers.Real) and not boolean
     if kind is int and number and float(value).is_integer():
         return int(value)
     if kind is float and (number or isinstance(value, str) and _is_float(value)):
@@ -173,8 +173,6 @@ def validate(config: Config) -> None:
     unfreeze = str(t.unfreeze)
     if unfreeze not in ("auto", "all") and not (unfreeze.isdigit() and int(unfreeze) >= 0):
         raise ConfigError(f"train.unfreeze '{t.unfreeze}' must be auto, all or a whole number of stages (0 = head only).")
-    if (t.batch_size is not None and t.batch_size < 1) or t.cache_views < 1:
-        raise ConfigError("train.batch_size and train.cache_views must be at least 1.")
     _check_ranges(config)
     from .training.loggers import LOGGERS  # one list of names, kept beside the code that builds them
 
@@ -209,7 +207,9 @@ def _check_ranges(config: Config) -> None:
               ("train.auto_patience", t.auto_patience, t.auto_patience >= 0, ">= 0"),
               ("train.time_budget_min", t.time_budget_min, t.time_budget_min is None or t.time_budget_min > 0,
                "above 0 (minutes)"),
-              ("train.label_smoothing", t.label_smoothing, 0 <= t.label_smoothing < 1, "in [0, 1)")]
+              ("train.label_smoothing", t.label_smoothing, 0 <= t.label_smoothing < 1, "in [0, 1)"),
+              ("train.batch_size", t.batch_size, t.batch_size is None or t.batch_size >= 1, "at least 1"),
+              ("train.cache_views", t.cache_views, t.cache_views >= 1, "at least 1")]
     # devices, num_nodes and strategy: distributed.check_settings
     for name, stage in (("stage1", t.stage1), ("stage2", t.stage2)):
         checks += [(f"train.{name}.epochs", stage.epochs, stage.epochs is None or stage.epochs >= 1, "at least 1"),
