@@ -66,3 +66,38 @@ def test_newer_format_refused(tmp_path):
     bundles.update_meta(tmp_path / "model", format_version=99)
     with pytest.raises(UserError, match="Upgrade effitune"):
         Predictor(tmp_path / "model")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    (("classes",), "a,b,c", "'classes' should be a list of distinct class names"),
+    ((), ["a", "b"], "damaged \\(a JSON object was expected\\)"),
+    (("classes",), ["a", "a", "c"], "'classes' should be a list of distinct"),
+    (("preprocessing", "size"), "32", "'preprocessing.size' should be the image side"),
+    (("preprocessing", "std"), [0.5, 0, 0.5], "'preprocessing.std' should be a list of 3 positive numbers"),
+    (("preprocessing", "mean"), None, "'preprocessing.mean' should be a list of 3 numbers"),
+    (("temperature",), "1.2", "'temperature' should be a positive number"),
+    (("unknown",), {"score": "msp", "threshold": "high"}, "'unknown.threshold' should be a number"),
+    (("embedding",), {"frozen_depth": 1.5}, "'embedding.frozen_depth' should be a whole number"),
+])
+def test_hand_edited_metadata_names_the_field(tmp_path, field, value, message):
+    save_random_bundle(tmp_path / "model")
+    meta_path = tmp_path / "model" / "effitune.json"
+    meta = json.loads(meta_path.read_text())
+    if field:
+        parent = meta
+        for key in field[:-1]:
+            parent = parent[key]
+        parent[field[-1]] = value
+    meta_path.write_text(json.dumps(meta if field else value))
+    with pytest.raises(UserError, match=message):
+        Predictor(tmp_path / "model")
+
+
+def test_a_missing_required_field_is_named(tmp_path):
+    save_random_bundle(tmp_path / "model")
+    meta_path = tmp_path / "model" / "effitune.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["preprocessing"]["size"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="lacks 'preprocessing.size'"):
+        Predictor(tmp_path / "model")

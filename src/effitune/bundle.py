@@ -96,6 +96,8 @@ def read_meta(folder: str | Path) -> dict:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"{meta_path} is damaged ({error}). Copy the bundle again or re-train.") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{meta_path} is damaged (a JSON object was expected). Copy the bundle again or re-train.")
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise UserError(f"{meta_path} has bundle format {version!r}; this effitune reads up to "
@@ -103,7 +105,55 @@ def read_meta(folder: str | Path) -> dict:
     for key in ("classes", "backbone", "preprocessing"):
         if key not in meta:
             raise UserError(f"{meta_path} lacks '{key}'; the bundle is incomplete. Re-export it with `effitune train`.")
+    _check_field_types(meta, meta_path)
     return meta
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _numbers(count: int, positive: bool = False):
+    return lambda v: (isinstance(v, list) and len(v) == count and all(_number(x) for x in v)
+                      and (not positive or all(x > 0 for x in v)))
+
+
+# The fields that inference reads, as (path, required, check, what they should be). effitune.json is
+# meant to be read by people and by other tools; one edited by hand gets an error naming the field.
+_FIELDS = (
+    (("classes",), True, lambda v: isinstance(v, list) and v and all(isinstance(c, str) and c for c in v)
+     and len(set(v)) == len(v), "a list of distinct class names (strings)"),
+    (("backbone",), True, lambda v: isinstance(v, str) and v, "a timm model name such as 'tf_efficientnet_lite0'"),
+    (("preprocessing",), True, lambda v: isinstance(v, dict), "an object with size, mean and std"),
+    (("preprocessing", "size"), True, lambda v: _number(v) and int(v) == v and v >= 8,
+     "the image side in pixels (an integer, at least 8)"),
+    (("preprocessing", "mean"), True, _numbers(3), "a list of 3 numbers"),
+    (("preprocessing", "std"), True, _numbers(3, positive=True), "a list of 3 positive numbers"),
+    (("temperature",), False, lambda v: v is None or _number(v) and v > 0, "a positive number"),
+    (("embedding",), False, lambda v: isinstance(v, dict), "an object"),
+    *((("embedding", key), False, lambda v: _number(v) and int(v) == v and v >= 0, "a whole number")
+      for key in ("frozen_depth", "pooled_dim", "prefix_dim")),
+    (("unknown",), False, lambda v: v is None or isinstance(v, dict), "an object (or null)"),
+    (("unknown", "score"), False, lambda v: isinstance(v, str), "a score name such as 'msp'"),
+    (("unknown", "threshold"), False, _number, "a number"),
+    (("unknown", "thresholds"), False, lambda v: isinstance(v, dict) and all(_number(x) for x in v.values()),
+     "an object of numbers"),
+)
+
+
+def _check_field_types(meta: dict, meta_path: Path) -> None:
+    for path, required, check, expected in _FIELDS:
+        parent = meta
+        for key in path[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or (path[-1] not in parent and not required):
+            continue  # an optional field, or one inside an absent optional section
+        name = ".".join(path)
+        if path[-1] not in parent:
+            raise UserError(f"{meta_path} lacks '{name}'; the bundle is incomplete. Copy the bundle again or re-train.")
+        if not check(parent[path[-1]]):
+            raise UserError(f"{meta_path}: '{name}' should be {expected}, not {json.dumps(parent[path[-1]])[:80]}. "
+                            "Undo the edit, or copy the bundle again.")
 
 
 def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
