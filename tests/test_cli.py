@@ -87,6 +87,13 @@ def test_resume_refuses_settings_it_would_ignore(tmp_path):
     assert result.exit_code == 2 and "--epochs, --frozen-bn, --seed cannot change them" in " ".join(result.output.split())
 
 
+def test_resume_refuses_another_out_folder(tmp_path):
+    elsewhere = runner.invoke(app, ["train", "--resume", str(tmp_path), "--out", str(tmp_path / "other")])
+    assert elsewhere.exit_code == 2 and "--out cannot change them" in " ".join(elsewhere.output.split())
+    same = runner.invoke(app, ["train", "--resume", str(tmp_path), "--out", str(tmp_path)])
+    assert "--out" not in " ".join(same.output.split())  # naming the run folder twice is fine (it is not a run here)
+
+
 def test_a_refused_run_leaves_no_folder_behind(tiny_dataset_module, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_dataset_module, data)
@@ -205,3 +212,14 @@ def test_split_warns_about_a_class_folder_it_leaves_out(tmp_path):
     result = runner.invoke(app, ["split", str(tmp_path / "data"), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert "'phone' has no usable images (1 rejected" in " ".join(result.output.split())
+
+
+def test_split_warns_when_the_same_image_sits_in_two_classes(tmp_path):
+    from conftest import make_image_tree
+
+    written = make_image_tree(tmp_path / "data", {"cat": 8, "dog": 8})
+    shutil.copy(written["cat"][2], tmp_path / "data" / "dog" / "stolen.png")
+    result = runner.invoke(app, ["split", str(tmp_path / "data"), "--out", str(tmp_path / "out")])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 0 and "1 group of look-alike images spans several classes" in output
+    assert "stolen.png (dog)" in output and f"effitune audit {tmp_path / 'data'}" in output

@@ -125,7 +125,7 @@ def split(data: Path = typer.Argument(..., help="Data folder / CSV."),
           test: float = typer.Option(0.15, help="Test fraction."),
           seed: int = typer.Option(0, help="Same data + seed -> identical manifest.")):
     """Stratified, seeded, duplicate-aware train/val/test split -> manifest.csv."""
-    from .data.audit import duplicate_groups
+    from .data.audit import duplicate_groups, label_conflict_notice
     from .data.scan import load_ok_records, scan as run_scan
     from .data.split import split_counts, split_records, write_manifest
 
@@ -133,8 +133,11 @@ def split(data: Path = typer.Argument(..., help="Data folder / CSV."),
     result = run_scan(data, out=out, config=config.data)
     _print_notices(result)
     records = load_ok_records(result.records_path)
-    rows = split_records(records, val=val, test=test, seed=seed,
-                         groups=duplicate_groups(records, config.data.near_duplicate_distance))
+    groups = duplicate_groups(records, config.data.near_duplicate_distance)
+    conflict = label_conflict_notice(records, groups, data)
+    if conflict:
+        err.print(f"[yellow]warning:[/] {escape(conflict)}", highlight=False, soft_wrap=True)
+    rows = split_records(records, val=val, test=test, seed=seed, groups=groups)
     path = write_manifest(rows, out / "manifest.csv")
     table = Table("split", "images", "classes")
     for part, counts in split_counts(rows).items():
@@ -146,7 +149,8 @@ def split(data: Path = typer.Argument(..., help="Data folder / CSV."),
 @app.command()
 @user_errors
 def train(data: Optional[Path] = typer.Argument(None, help="Data folder / CSV (not needed with --manifest/--resume)."),
-          out: Path = typer.Option(Path("runs/run"), help="Run folder: config, manifest, logs, model/."),
+          out: Optional[Path] = typer.Option(None, help="Run folder: config, manifest, logs, model/ "
+                                             "[default: runs/run]."),
           config: Optional[Path] = typer.Option(None, help="YAML config (defaults < file < flags)."),
           manifest: Optional[Path] = typer.Option(None, help="Reuse an existing manifest.csv."),
           resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run folder."),
@@ -185,15 +189,18 @@ def train(data: Optional[Path] = typer.Argument(None, help="Data folder / CSV (n
                  "train.logger": logger,
                  "train.seed": seed, "data.seed": seed}
     if resume is not None:
-        _refuse_settings_beside_resume(resume, overrides, {"DATA": data, "--config": config, "--manifest": manifest})
+        moved = out is not None and out.resolve() != resume.resolve()
+        _refuse_settings_beside_resume(resume, overrides, {"DATA": data, "--config": config, "--manifest": manifest,
+                                                           "--out": moved})
     try:
         if resume is None:
             resolved = load_config(config, overrides)
-            result = run_train(data, out=out, config=resolved, manifest=manifest, unknown_dir=unknown_dir)
+            result = run_train(data, out=out or Path("runs/run"), config=resolved, manifest=manifest,
+                               unknown_dir=unknown_dir)
         else:
             result = run_train(resume=resume, unknown_dir=unknown_dir)
     except KeyboardInterrupt:
-        raise _interrupted(resume or out) from None
+        raise _interrupted(resume or out or Path("runs/run")) from None
     from .distributed import is_main
 
     if json_output and is_main():  # under torchrun/srun every process gets here; rank 0 has the metrics

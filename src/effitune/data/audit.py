@@ -144,6 +144,20 @@ def duplicate_groups(records: Sequence[dict], distance: int) -> list[list[int]]:
     return links.groups()
 
 
+def label_conflict_notice(records: Sequence[dict], groups: list[list[int]], data) -> str | None:
+    """One line for `split` and `train` when duplicate groups carry different labels (one is likely wrong)."""
+    conflicts = [group for group in groups if len({records[i]["label"] for i in group}) > 1]
+    if not conflicts:
+        return None
+    first = conflicts[0][0]
+    other = next(i for i in conflicts[0] if records[i]["label"] != records[first]["label"])
+    example = " and ".join(f"{printable(records[i]['path'])} ({printable(records[i]['label'])})" for i in (first, other))
+    groups = "1 group of look-alike images spans" if len(conflicts) == 1 else \
+        f"{len(conflicts)} groups of look-alike images span"
+    return (f"{groups} several classes, e.g. "
+            f"{example}. Each group stays in one split; `effitune audit {data}` lists them all, to fix the labels.")
+
+
 # ---------------------------------------------------------------------------------------- report
 @dataclass
 class DuplicateGroup:

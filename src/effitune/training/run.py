@@ -174,7 +174,7 @@ def _open_run(data, out, config, manifest, resume) -> tuple[RunPaths, Config, li
 
 
 def _scan_and_split(data, paths: RunPaths, config: Config) -> list[dict]:
-    from ..data.audit import duplicate_groups
+    from ..data.audit import duplicate_groups, label_conflict_notice
     from ..data.scan import load_ok_records, scan
 
     if data is None:
@@ -186,6 +186,9 @@ def _scan_and_split(data, paths: RunPaths, config: Config) -> list[dict]:
     def split() -> list[dict]:
         records = load_ok_records(result.records_path)
         groups = duplicate_groups(records, config.data.near_duplicate_distance)
+        conflict = label_conflict_notice(records, groups, data)
+        if conflict:
+            console.print(f"[yellow]warning:[/] {escape(conflict)}", highlight=False, soft_wrap=True)
         return split_records(records, val=config.data.val, test=config.data.test, seed=config.data.seed,
                              groups=groups)
     return distributed.on_main(split)  # one split, made once, for every rank
@@ -246,7 +249,7 @@ def _train_phases(network: Network, datamodule: ImageDataModule, config: Config,
             break
         result = _fit_phase(network, phase, datamodule, inputs, config, paths, progress, callbacks)
         state = distributed.on_main(_save_phase, network, phase, result, state, paths)
-        console.print(f"{phase.name}: val accuracy {result['val_acc']:.4f} ({result['epochs']} epochs, "
+        console.print(f"{phase.name}: val accuracy {result['val_acc']:.4f} ({result['epochs']} epoch{'s' * (result['epochs'] != 1)}, "
                       f"{result['seconds']:.0f} s)")
     network.load_state_dict(load_file(paths.phases / f"{state['best']}.safetensors"))
     return [{"phase": name, **info, "best": name == state["best"]} for name, info in state["done"].items()]
