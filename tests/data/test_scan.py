@@ -255,6 +255,12 @@ def test_existing_split_layout(tmp_path):
     assert result.per_class == {"cat": 6, "dog": 9}
 
 
+def test_classes_named_like_splits_are_classes_when_they_hold_images_directly(tmp_path):
+    make_image_tree(tmp_path / "data", {"train": 2, "test": 3})  # photos of trains and of tests
+    result = scan(tmp_path / "data", out=tmp_path / "out", workers=1, progress=False)
+    assert result.layout == "classes" and result.per_class == {"test": 3, "train": 2}
+
+
 def user_error(tmp_path, data, **kwargs) -> str:
     with pytest.raises(UserError) as caught:
         scan(data, out=kwargs.pop("out", tmp_path / "out"), workers=1, progress=False, **kwargs)

@@ -260,6 +260,17 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
+def _has_sub_folders(folders: list[os.DirEntry]) -> bool:
+    for folder in folders:
+        try:
+            with os.scandir(folder.path) as entries:
+                if any(_is_dir(entry) and not entry.name.startswith(".") for entry in entries):
+                    return True
+        except OSError:
+            continue  # listed (and reported) again by _list_dir
+    return False
+
+
 def _dir_key(path: str) -> tuple[int, int]:
     info = os.stat(path)
     return info.st_dev, info.st_ino
@@ -297,8 +308,8 @@ def _plan(root: Path) -> tuple[str, list[Unit], Counter]:
     skipped["skipped_unlabelled"] += len(top) - len(top_dirs)
     names = {entry.name.lower() for entry in top_dirs}
     layout, units = "classes", [(entry.path, entry.name, None) for entry in top_dirs]
-    if "train" in names and names <= set(SPLIT_FOLDERS):
-        layout, units = "splits", []
+    if "train" in names and names <= set(SPLIT_FOLDERS) and _has_sub_folders(top_dirs):
+        layout, units = "splits", []  # (split folders holding images directly are classes named train, test...)
         for split_dir in top_dirs:
             inner = _list_dir(Path(split_dir.path), skipped)
             skipped["skipped_unlabelled"] += sum(not _is_dir(entry) for entry in inner)
