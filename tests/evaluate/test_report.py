@@ -131,6 +131,12 @@ def test_training_curves_mark_every_phase():
     assert plots.png(figure)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_class_names_the_font_lacks_draw_without_warnings(recwarn):
+    figure = plots.confusion_matrix([[3, 1], [0, 4]], ["\u732b", "\u72ac"])  # cat, dog in Chinese
+    assert plots.png(figure)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [w for w in recwarn if "Glyph" in str(w.message)]
+
+
 def test_a_handed_over_pass_is_used_only_when_it_covers_the_rows(run, tmp_path, monkeypatch):
     from effitune.evaluate import report
     from effitune.predict import Predictor

@@ -6,6 +6,7 @@ into bytes. Nothing here reads files or knows about bundles, so every figure is 
 from __future__ import annotations
 
 import io
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -18,7 +19,9 @@ _SPLIT_COLOURS = {"train": "#2b6cb0", "val": "#d9822b", "test": "#38a169"}
 
 def png(figure: Figure, dpi: int = 100) -> bytes:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    with warnings.catch_warnings():  # class names in scripts the font lacks (CJK, emoji): drawn as boxes,
+        warnings.filterwarnings("ignore", "Glyph .* missing from font", UserWarning)  # named in the page's text
+        figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     return buffer.getvalue()
 
 
