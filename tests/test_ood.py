@@ -45,6 +45,16 @@ def test_threshold_keeps_the_target_share(target):
     assert (scores >= ood.threshold_for(scores, target)).mean() == pytest.approx(target, abs=0.01)
 
 
+@pytest.mark.parametrize("n_val", [20, 45, 200])
+def test_threshold_keeps_the_target_share_of_new_images_with_few_validation_images(n_val):
+    """Averaged over many validation sets, a fresh known image is accepted with probability >= 95%."""
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(0)
+    accepted = [norm.sf(ood.threshold_for(rng.normal(size=n_val), 0.95)) for _ in range(4000)]
+    assert 0.95 <= np.mean(accepted) <= 0.95 + 1 / (n_val + 1) + 0.002  # the empirical quantile: ~0.95 - 1/(n+1)
+
+
 def test_calibration_keeps_the_target_share_of_validation_for_every_score(detector):
     found, (val_logits, val_features) = detector
     val = found.scores(val_logits, val_features)
