@@ -381,32 +381,30 @@ def require_detector(predictor) -> UnknownDetector:
 # --- images -> (logits, features) ---------------------------------------------------------------
 
 def embed(predictor, sources: Iterable, batch_size: int = 64) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
-    """(paths read, logits, features, paths that could not be read) for files, folders or globs."""
+    """(paths read, logits, features, paths that could not be read) for files, folders or globs.
+
+    One pass over every file (`Predictor.run_pass`): ONNX Runtime in memory for `long_pass` files or more."""
     from .predict import expand_sources
 
-    paths, failed, logits, features, batch, batch_paths = [], [], [], [], [], []
+    listed = list(expand_sources(sources))  # names only, so the pass knows its length
+    paths, failed = [], []
 
-    def flush():
-        if batch:
-            out = predictor.run(np.stack(batch), batch_size)
-            logits.append(out[0])
-            features.append(out[1])
-            paths.extend(batch_paths)
-            batch.clear()
-            batch_paths.clear()
+    def chunks():
+        for start in range(0, len(listed), batch_size):
+            batch = []
+            for path in listed[start:start + batch_size]:
+                try:
+                    batch.append(predictor.preprocess(path))
+                    paths.append(path)
+                except Exception:  # noqa: BLE001 - an unreadable file is counted, not fatal
+                    failed.append(path)
+            if batch:
+                yield np.stack(batch)
 
-    for path in expand_sources(sources):
-        try:
-            batch.append(predictor.preprocess(path))
-            batch_paths.append(path)
-        except Exception:  # noqa: BLE001 - an unreadable file is counted, not fatal
-            failed.append(path)
-        if len(batch) >= batch_size:
-            flush()
-    flush()
+    logits, features = predictor.run_pass(chunks(), len(listed))
     if not paths:
         return paths, np.zeros((0, len(predictor.classes)), np.float32), np.zeros((0, 0), np.float32), failed
-    return paths, np.concatenate(logits), np.concatenate(features), failed
+    return paths, logits, features, failed
 
 
 def fit_and_attach(folder: str | Path, temperature: float, train: tuple[np.ndarray, np.ndarray],

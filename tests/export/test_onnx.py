@@ -222,6 +222,24 @@ def test_evaluate_and_report_passes_run_in_onnx_runtime_with_the_same_results(ex
     np.testing.assert_allclose(fast[1][0], slow[1][0], atol=1e-3)
 
 
+def test_drift_and_unknown_image_passes_run_in_onnx_runtime_with_the_same_results(exported_run, monkeypatch, tmp_path):
+    from effitune import ood
+
+    copy = copy_run(exported_run, tmp_path / "torch-only")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    sources = [exported_run.parent / "data", tmp_path / "broken.png"]
+    slow = ood.embed(Predictor(copy), sources, batch_size=7)
+    assert len(slow[0]) > 7  # several chunks
+    calls = []
+    monkeypatch.setattr(Predictor, "long_pass", len(slow[0]))
+    monkeypatch.setattr(OnnxEngine, "run", lambda self, images, run=OnnxEngine.run: calls.append(1) or run(self, images))
+    fast = ood.embed(Predictor(copy), sources, batch_size=7)
+    assert len(calls) > 1  # the parity check, then the pass
+    assert fast[0] == slow[0] and fast[3] == slow[3] == [str(tmp_path / "broken.png")]
+    np.testing.assert_allclose(fast[1], slow[1], atol=1e-3)
+    np.testing.assert_allclose(fast[2], slow[2], atol=1e-3)
+
+
 def test_a_pass_goes_on_in_pytorch_when_onnx_runtime_fails_midway(exported_run, monkeypatch):
     predictor = Predictor(exported_run, backend="torch")
     images = np.random.default_rng(2).integers(0, 256, (12, SIZE, SIZE, 3), dtype=np.uint8)
