@@ -203,3 +203,70 @@ def test_cli_user_errors(setup, tmp_path, args, fragment):
     args = [arg.format(tmp=tmp_path) for arg in args]
     result = runner.invoke(app, ["predict", str(predictor.folder), str(images), *args])
     assert result.exit_code == 2 and fragment in result.stderr and "Traceback" not in result.stderr
+
+
+def test_one_source_is_one_source_not_its_characters(setup, tmp_path, monkeypatch):
+    """predict("photo.png") and predict(Path) as a notebook user types them: never character by character
+    (the '/' of an absolute path is a folder: the whole disk; relative names here keep a failure small)."""
+    predictor, images = setup
+    monkeypatch.chdir(images / "a")
+    as_list = predictor.predict(["img_000.png"])
+    assert predictor.predict("img_000.png") == predictor.predict(Path("img_000.png")) == as_list
+    assert predictor.predict(Path("img_000.png").read_bytes())[0]["label"] == as_list[0]["label"]
+    monkeypatch.chdir(images)
+    assert [r["path"] for r in predictor.predict("b")] == [r["path"] for r in predictor.predict(["b"])]
+    assert predict_to_file(predictor, "a", tmp_path / "out.csv").rows == 6
+
+
+def test_pil_images_and_arrays_are_predicted_like_their_files(setup):
+    import numpy as np
+    from PIL import Image
+
+    predictor, images = setup
+    files = sorted((images / "a").glob("*.png"))[:3]
+    expected = [r["probability"] for r in predictor.predict(files)]
+    pil = [Image.open(path) for path in files]
+    arrays = [np.asarray(image.convert("RGB")) for image in pil]
+    assert [r["probability"] for r in predictor.predict(pil)] == pytest.approx(expected, abs=1e-6)
+    assert [r["probability"] for r in predictor.predict(arrays)] == pytest.approx(expected, abs=1e-6)
+    assert [r["probability"] for r in predictor.predict(np.stack(arrays))] == pytest.approx(expected, abs=1e-6)
+    assert predictor.predict(pil[0])[0]["path"].startswith("<PIL image")
+    grey = predictor.predict(np.asarray(pil[0].convert("L")))[0]
+    assert "label" in grey and grey["path"].startswith("<array uint8")
+    wrong = predictor.predict([arrays[0].astype(np.float32) / 255, arrays[1]])
+    assert "must be uint8" in wrong[0]["error"] and "label" in wrong[1]
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda a: a.astype("float32"), "got float32"),
+    (lambda a: a.astype("int64"), "got int64"),
+    (lambda a: a[0], "add the batch axis"),
+    (lambda a: a[:, :32, :32], "(1, 32, 32, 3)"),
+    (lambda a: a.transpose(0, 3, 1, 2), "(1, 3, 64, 64)"),
+    (lambda a: a.tolist(), "got int64"),
+])
+def test_the_array_api_refuses_what_it_would_get_wrong(setup, make, fragment):
+    predictor, images = setup
+    batch = predictor.preprocess(images / "a" / "img_000.png")[None]
+    predictor.probabilities(batch)  # the right input works
+    for call in (predictor.run, predictor.logits, predictor.probabilities):
+        with pytest.raises(UserError, match="take uint8 images of shape \\(N, 64, 64, 3\\)") as caught:
+            call(make(batch))
+        assert fragment in str(caught.value)
+
+
+def test_top_k_below_one_is_refused(setup, tmp_path):
+    predictor, images = setup
+    with pytest.raises(UserError, match="at least 1"):
+        predictor.predict([images], top_k=0)
+    with pytest.raises(UserError, match="at least 1"):
+        predict_to_file(predictor, [images], tmp_path / "x.csv", top_k=0)
+    result = runner.invoke(app, ["predict", str(predictor.folder), str(images), "--top-k", "0"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_an_empty_folder_leaves_no_output_file(setup, tmp_path):
+    predictor, _ = setup
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["predict", str(predictor.folder), str(tmp_path / "empty"), "--out", str(tmp_path / "p.csv")])
+    assert result.exit_code == 2 and "no images in" in result.output and not (tmp_path / "p.csv").exists()

@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Iterator, TextIO
 
 from . import distributed
 from .errors import UserError
-from .predict import Predictor, expand_sources, load
+from .predict import Predictor, as_sources, expand_sources, load
 
 __all__ = ["predict_to_file", "PredictionSummary", "merge_parts", "output_format", "part_path", "parse_shard",
            "shard_from_env", "prepare_device"]
@@ -178,8 +178,8 @@ def predict_to_file(predictor: Predictor | str | Path, sources: Iterable[str | P
     """
     out = Path(out)
     kind = output_format(out)
-    if batch_size < 1:
-        raise UserError(f"batch_size must be at least 1 (got {batch_size}).")
+    if batch_size < 1 or top_k < 1:
+        raise UserError(f"batch_size and top_k must be at least 1 (got {batch_size} and {top_k}).")
     shard = shard if shard is not None else shard_from_env()
     if shard is not None and shard[1] == 1:
         shard = None
@@ -234,7 +234,7 @@ class _Fingerprint:
 def _numbered(sources, index: int, count: int, fingerprint: _Fingerprint) -> Iterator[tuple[int, str | bytes]]:
     """(input index, source) for this shard's inputs; every input is seen (and fingerprinted)."""
     position = 0
-    for source in sources:
+    for source in as_sources(sources):
         expanded = [source] if isinstance(source, (bytes, bytearray)) else expand_sources([source])
         for item in expanded:
             fingerprint.add(item)

@@ -256,7 +256,7 @@ def evaluate(bundle: Path = typer.Argument(..., help="Model bundle folder."),
 @user_errors
 def predict(bundle: Path = typer.Argument(..., help="Model bundle folder."),
             paths: List[str] = typer.Argument(..., help="Image files, folders or glob patterns."),
-            top_k: int = typer.Option(3, help="How many classes to list per image."),
+            top_k: int = typer.Option(3, min=1, help="How many classes to list per image."),
             reject: bool = typer.Option(True, "--reject/--no-reject",
                                         help="Label images of no known class as unknown (label null in JSON)."),
             json_output: bool = typer.Option(False, "--json", help="One JSON object per line (JSON Lines)."),
@@ -287,6 +287,7 @@ def predict(bundle: Path = typer.Argument(..., help="Model bundle folder."),
                                       progress=lambda rows: status.update(f"predicting: {rows} images done"))
         err.print(summary.describe(), highlight=False, soft_wrap=True)
         if summary.shard is None and not summary.rows:
+            summary.written.unlink(missing_ok=True)  # no header-only file left behind
             raise UserError(_no_images(paths))
         if summary.errors:
             raise typer.Exit(1)

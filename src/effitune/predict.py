@@ -16,6 +16,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .bundle import read_meta, read_weights
 from .data.images import IMAGE_EXTENSIONS, is_url, load_for_model
@@ -68,7 +69,7 @@ class TorchEngine:
     @torch.inference_mode()
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, H, W, 3) -> (logits (N, classes), features (N, D [+ P]): see Network.embedding), float32."""
-        batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2)  # NHWC memory
+        batch = torch.from_numpy(np.require(images, requirements="CW")).to(self.device).permute(0, 3, 1, 2)  # NHWC
         pooled, features = self.network.embedding(batch)
         return self.network.head(pooled).float().cpu().numpy(), features.float().cpu().numpy()
 
@@ -139,7 +140,7 @@ def expand_sources(sources: Iterable[str | Path]) -> Iterator[str]:
 
     Lazy: a folder is listed one directory at a time. URLs (`s3://…`) pass through unexpanded.
     """
-    for source in sources:
+    for source in as_sources(sources):
         text = str(source)
         if is_url(source):
             yield text
@@ -211,8 +212,8 @@ class Predictor:
         return (f"Predictor({self.folder}, {self.meta['backbone']}, {len(self.classes)} classes, {self.size}px, "
                 f"{self.backend})")
 
-    def preprocess(self, source: str | Path | bytes) -> np.ndarray:
-        """Any image file (or its bytes) -> uint8 HWC array at the bundle's size."""
+    def preprocess(self, source: str | Path | bytes | Image.Image | np.ndarray) -> np.ndarray:
+        """Any image file, its bytes, a PIL image or a uint8 image array -> uint8 HWC array at the bundle's size."""
         return load_for_model(source, self.size)
 
     def run(self, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -220,9 +221,22 @@ class Predictor:
 
         features: the pooled features, then (bundles with an `embedding`) the pooled output of the
         layers training left frozen; `features[:, :self.pooled_dim]` is the pooled part."""
+        images = self._checked(images)
         if not len(images):
             return np.zeros((0, len(self.classes)), np.float32), np.zeros((0, 0), np.float32)
         return self._run_fastest(images, len(images), batch_size)
+
+    def _checked(self, images) -> np.ndarray:
+        """The array `run` takes, or a UserError saying what it got and what to call instead."""
+        array = np.asarray(images) if not isinstance(images, np.ndarray) else images
+        expected = (self.size, self.size, 3)
+        if array.dtype == np.uint8 and array.ndim == 4 and array.shape[1:] == expected or array.size == 0:
+            return array
+        hint = "add the batch axis: images[None]" if array.shape == expected else \
+            "for files, PIL images or arrays of any size and dtype use predictor.predict([...]), or " \
+            "predictor.preprocess(image) for each"
+        raise UserError(f"Predictor.run/logits/probabilities take uint8 images of shape (N, {self.size}, {self.size}, "
+                        f"3) (predictor.preprocess(x) for each, stacked); got {array.dtype} {array.shape}. {hint}.")
 
     def run_pass(self, chunks: Iterable[np.ndarray], images: int,
                  sample: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -286,8 +300,9 @@ class Predictor:
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         return softmax(self.logits(images), self.temperature)
 
-    def predict(self, sources: Iterable[str | Path | bytes], top_k: int = 5, batch_size: int = 32,
-                reject: bool = True) -> list[dict]:
+    def predict(self, sources, top_k: int = 5, batch_size: int = 32, reject: bool = True) -> list[dict]:
+        """One result dict per image, in order. `sources`: one or a list of files, folders, glob patterns,
+        URLs, bytes, PIL images or uint8 image arrays ((H, W), (H, W, 3), (H, W, 4); (N, H, W, 3): N images)."""
         return list(self.iter_predict(sources, top_k=top_k, batch_size=batch_size, reject=reject))
 
     def iter_predict(self, sources, top_k: int = 5, batch_size: int = 32, reject: bool = True,
@@ -305,12 +320,14 @@ class Predictor:
         `lookahead=False` answers each batch as soon as its sources arrive (a slow generator: camera
         frames, a watched folder), on this predictor's own engine.
         """
-        sources = iter(_with_expansion(sources) if expand else sources)
+        if top_k < 1:
+            raise UserError(f"top_k is how many classes each result lists: at least 1 (got {top_k}).")
+        sources = iter(_with_expansion(as_sources(sources)) if expand else as_sources(sources))
         ahead = list(itertools.islice(sources, self.long_pass if lookahead else 0))  # names only: a long pass?
         pass_images = len(ahead)
         pending: list[tuple[str, np.ndarray | None, str | None]] = []
         for source in itertools.chain(ahead, sources):
-            label = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+            label = _label(source)
             try:
                 pending.append((label, self.preprocess(source), None))
             except Exception as error:  # noqa: BLE001 - one bad file must not stop the others
@@ -343,9 +360,33 @@ class Predictor:
             yield result
 
 
+def as_sources(sources) -> Iterable:
+    """One source (a path, bytes, a PIL image, an image array) or many: always an iterable of sources.
+    (A lone string would otherwise be read one character at a time, and '/' is a folder: the whole disk.)"""
+    if isinstance(sources, (str, os.PathLike, bytes, bytearray, Image.Image)):
+        return [sources]
+    if isinstance(sources, np.ndarray):
+        return list(sources) if sources.ndim == 4 else [sources]  # (N, H, W, C): N images
+    return sources
+
+
+_IN_MEMORY = (bytes, bytearray, Image.Image, np.ndarray)  # sources that are images already, not names
+
+
+def _label(source) -> str:
+    """The `path` a result reports for its source."""
+    if isinstance(source, (bytes, bytearray)):
+        return "<bytes>"
+    if isinstance(source, Image.Image):
+        return f"<PIL image {source.width}x{source.height}>"
+    if isinstance(source, np.ndarray):
+        return f"<array {source.dtype} {'x'.join(map(str, source.shape))}>"
+    return str(source)
+
+
 def _with_expansion(sources) -> Iterator:
     for source in sources:
-        if isinstance(source, (bytes, bytearray)):
+        if isinstance(source, _IN_MEMORY):
             yield source
         else:
             yield from expand_sources([source])

@@ -124,6 +124,23 @@ def resize_center_crop(image: Image.Image, size: int, resample: int = Image.Resa
     return resized.crop((left, top, left + size, top + size))
 
 
-def load_for_model(source: str | Path | bytes, size: int, max_pixels: int | None = None) -> np.ndarray:
-    """File -> uint8 array (size, size, 3), exactly what the model's preprocessing expects."""
-    return np.asarray(resize_center_crop(load_rgb(source, max_pixels=max_pixels), size), dtype=np.uint8)
+def load_for_model(source: str | Path | bytes | Image.Image | np.ndarray, size: int,
+                   max_pixels: int | None = None) -> np.ndarray:
+    """File, bytes, PIL image or image array -> uint8 array (size, size, 3), what the model expects."""
+    if isinstance(source, Image.Image):
+        image = to_rgb(ImageOps.exif_transpose(source) or source)
+    elif isinstance(source, np.ndarray):
+        image = image_from_array(source)
+    else:
+        image = load_rgb(source, max_pixels=max_pixels)
+    return np.asarray(resize_center_crop(image, size), dtype=np.uint8)
+
+
+def image_from_array(array: np.ndarray) -> Image.Image:
+    """A uint8 image array, (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA, as an RGB PIL image."""
+    if array.dtype != np.uint8 or not (array.ndim == 2 or array.ndim == 3 and array.shape[2] in (1, 3, 4)):
+        raise ValueError(f"an image array must be uint8 with shape (H, W), (H, W, 3) or (H, W, 4); got "
+                         f"{array.dtype} {array.shape}. Values in [0, 1]: (array * 255).round().astype('uint8'); "
+                         "channels first: array.transpose(1, 2, 0)")
+    array = array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array
+    return to_rgb(Image.fromarray(np.ascontiguousarray(array)))
