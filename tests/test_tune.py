@@ -1,5 +1,6 @@
 """`effitune tune`: presets, the search space, pruning, budget and resuming a study."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +108,12 @@ def test_study_resumes_after_an_interruption_reusing_split_and_features(tiny_dat
     assert preset.train.stage1.epochs == 2 == preset.train.stage2.epochs  # the schedule that was measured
     assert not list((out / "trials").glob("*/phases"))  # trials keep no weights
 
+    params = [tuple(sorted(t["params"].items())) for t in result.trials]
+    assert len(set(params)) == len(params)  # the continued study drew new values (not trial 1's again)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_dataset_module, other)
+    with pytest.raises(UserError, match="holds a study of other images"):
+        tune(other, out=out, trials=3, params=["lr", "dropout"], epochs=2, cache_root=cache)
     with pytest.raises(UserError, match="runs trials with --epochs 2"):
         tune(out=out, trials=3, params=["lr", "dropout"], epochs=5, cache_root=cache)
     with pytest.raises(UserError, match="another base config"):

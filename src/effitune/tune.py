@@ -104,6 +104,7 @@ def _open_study_folder(folder: Path, data, config: Config | None, manifest) -> C
 
     base_path, manifest_path = folder / "base.yaml", folder / "manifest.csv"
     if base_path.is_file() and manifest_path.is_file():
+        _refuse_other_data(folder, data, manifest)
         stored = load_config(base_path)
         if config is not None and config.to_dict() != stored.to_dict():
             raise UserError(f"{folder} holds a study started with another base config ({base_path}). Continue it "
@@ -117,6 +118,23 @@ def _open_study_folder(folder: Path, data, config: Config | None, manifest) -> C
     return config
 
 
+def _refuse_other_data(folder: Path, data, manifest) -> None:
+    """A continued study keeps its split: DATA or --manifest naming other images would be ignored."""
+    from .data.split import read_manifest
+
+    stored = folder / "manifest.csv"
+    if manifest is not None and Path(manifest).resolve() != stored.resolve():
+        same = Path(manifest).is_file() and Path(manifest).read_bytes() == stored.read_bytes()
+    elif data is not None and Path(data).is_dir():
+        root = Path(data).resolve()
+        same = all(Path(row["path"]).resolve().is_relative_to(root) for row in read_manifest(stored)[:50])
+    else:
+        return
+    if not same:
+        raise UserError(f"{folder} holds a study of other images (its split: {stored}). Continue it with the "
+                        "same DATA (or none), or pass a new --out folder for this data.")
+
+
 def _load_study(folder: Path, seed: int):
     import optuna
 
@@ -125,9 +143,11 @@ def _load_study(folder: Path, seed: int):
         storage = optuna.storages.RDBStorage(
             f"sqlite:///{(folder / 'study.db').resolve()}", heartbeat_interval=10, grace_period=30,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
-    return optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize", load_if_exists=True,
-                               sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=8),
-                               pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2))
+    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize", load_if_exists=True,
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2))
+    # a continued study draws on from where it is: the same seed again would repeat its first trials' values
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), n_startup_trials=8)
+    return study
 
 
 def _study_epochs(study, epochs: int | None, folder: Path) -> int | None:
