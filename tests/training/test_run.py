@@ -140,3 +140,38 @@ def test_onnx_runtime_failing_mid_pass_costs_time_not_the_run(tiny_dataset_modul
         result = train(tiny_dataset_module, out=tmp_path / "run", config=tiny_cpu_config(),
                        cache_root=tmp_path / "cache", progress=False)
     assert (result.bundle / "effitune.json").is_file() and "accuracy" in result.metrics
+
+
+def split_manifest(data, folder, val: float, test: float):
+    from typer.testing import CliRunner
+
+    from effitune.cli import app
+
+    result = CliRunner().invoke(app, ["split", str(data), "--out", str(folder), "--val", str(val), "--test", str(test)])
+    assert result.exit_code == 0, result.output
+    return folder / "manifest.csv"
+
+
+def test_a_split_without_validation_or_with_an_untrainable_class_is_refused_up_front(tiny_dataset_module, tmp_path):
+    import pytest
+
+    from effitune.data.split import read_manifest, write_manifest
+    from effitune.errors import UserError
+
+    no_val = split_manifest(tiny_dataset_module, tmp_path / "noval", val=0, test=0)
+    with pytest.raises(UserError, match="no validation images"):
+        train(out=tmp_path / "run", manifest=no_val, config=tiny_cpu_config(), progress=False)
+    assert not (tmp_path / "run").exists()
+    rows = read_manifest(split_manifest(tiny_dataset_module, tmp_path / "usual", val=0.2, test=0.2))
+    rows.append({**rows[0], "label": "typo", "split": "val"})
+    write_manifest(rows, tmp_path / "typo.csv")
+    with pytest.raises(UserError, match="'typo' have no training images"):
+        train(out=tmp_path / "run", manifest=tmp_path / "typo.csv", config=tiny_cpu_config(), progress=False)
+
+
+def test_without_a_test_split_the_run_says_it_was_not_tested(tiny_dataset_module, tmp_path, capsys):
+    manifest = split_manifest(tiny_dataset_module, tmp_path / "notest", val=0.25, test=0)
+    result = train(out=tmp_path / "run", manifest=manifest, config=tiny_cpu_config(), progress=False)
+    said = " ".join(capsys.readouterr().err.split())
+    assert "the split has no test images" in said and "no test images: not tested" in said and "nan" not in said
+    assert "accuracy" not in result.metrics and (result.bundle / "weights.safetensors").is_file()

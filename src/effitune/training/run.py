@@ -165,12 +165,39 @@ def _open_run(data, out, config, manifest, resume) -> tuple[RunPaths, Config, li
     try:
         rows = sorted(read_manifest(manifest) if manifest else _scan_and_split(data, paths, config),
                       key=manifest_order)
+        _check_splits(rows, manifest or data)
     except (UserError, KeyboardInterrupt):
         if created and not any(paths.root.iterdir()):
             paths.root.rmdir()  # a refused run leaves no empty folder behind (one inside the data would be a class)
         raise
     distributed.on_main(write_manifest, rows, paths.manifest)
     return paths, config, rows
+
+
+def _check_splits(rows: list[dict], source) -> None:
+    """Training needs train and val images of every class; a missing test split or class is said, not fatal."""
+    by_split: dict[str, set[str]] = {"train": set(), "val": set(), "test": set()}
+    for row in rows:
+        by_split[row["split"]].add(row["label"])
+    classes = sorted(set().union(*by_split.values()))
+    if len(by_split["train"]) < 2:
+        raise UserError(f"{source}: the split has training images of {len(by_split['train'])} class(es); a "
+                        "classifier needs at least two. Check the manifest's split column.")
+    if not by_split["val"]:
+        raise UserError(f"{source}: the split has no validation images; training needs them (early stopping, "
+                        "calibration, the unknown-image threshold). Keep data.val above 0 (default 0.15), or add "
+                        "rows with split 'val' to the manifest.")
+    untrained = [name for name in classes if name not in by_split["train"]]
+    if untrained:
+        raise UserError(f"{source}: class(es) {', '.join(map(repr, untrained[:5]))} have no training images, so "
+                        "the model could never predict them. Add training images or remove those rows.")
+    for name in (name for name in classes if name not in by_split["val"]):
+        console.print(f"[yellow]warning:[/] class {escape(repr(name))} has no validation images: its accuracy is not "
+                      "checked while training and its unknown-image threshold rests on the other classes.",
+                      highlight=False, soft_wrap=True)
+    if not by_split["test"]:
+        console.print("[yellow]warning:[/] the split has no test images: the model will not be tested on held-out "
+                      "images (keep data.test above 0, default 0.15, to measure it).", highlight=False, soft_wrap=True)
 
 
 def _scan_and_split(data, paths: RunPaths, config: Config) -> list[dict]:
@@ -499,8 +526,9 @@ def _evaluate_and_bundle(network, datamodule, config, paths, classes, weight_sou
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (paths.root / "metrics.json").write_text(json.dumps(metrics, indent=2))
     bundles.replace_bundle(staging, paths.model)  # the finished bundle appears in one rename
-    console.print(f"[bold green]test accuracy {metrics.get('accuracy', float('nan')):.4f}[/] on "
-                  f"{len(keys)} held-out images; bundle: {paths.model}")
+    tested = f"test accuracy {metrics['accuracy']:.4f}[/] on {len(keys)} held-out images" if len(keys) \
+        else "no test images: not tested[/]"
+    console.print(f"[bold green]{tested}; bundle: {paths.model}")
     return metrics, (logits, features)
 
 
