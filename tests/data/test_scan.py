@@ -261,6 +261,23 @@ def test_classes_named_like_splits_are_classes_when_they_hold_images_directly(tm
     assert result.layout == "classes" and result.per_class == {"test": 3, "train": 2}
 
 
+def test_training_and_testing_folders_are_splits(tmp_path):
+    for seed, split in enumerate(("training", "testing")):
+        make_image_tree(tmp_path / "data" / split, {"cat": 2, "dog": 3}, seed=seed)
+    result = scan(tmp_path / "data", out=tmp_path / "out", workers=1, progress=False)
+    assert result.layout == "splits" and set(result.splits) == {"train", "test"}
+
+
+def test_class_folders_holding_the_same_sub_folders_are_pointed_out(tmp_path):
+    for seed, split in enumerate(("train", "holdout")):  # splits under a name effitune does not know
+        make_image_tree(tmp_path / "data" / split, {"cat": 2, "dog": 3}, seed=seed)
+    result = scan(tmp_path / "data", out=tmp_path / "out", workers=1, progress=False)
+    assert result.layout == "classes" and set(result.per_class) == {"holdout", "train"}
+    assert any("'holdout', 'train' hold sub-folders of the same names ('cat', 'dog')" in n for n in result.notices)
+    plain = scan(tmp_path / "data" / "train", out=tmp_path / "out2", workers=1, progress=False)
+    assert not plain.notices
+
+
 def user_error(tmp_path, data, **kwargs) -> str:
     with pytest.raises(UserError) as caught:
         scan(data, out=kwargs.pop("out", tmp_path / "out"), workers=1, progress=False, **kwargs)

@@ -39,7 +39,8 @@ RECORDS_FILE = "records.jsonl"
 REASONS = ("missing file", "unreadable", "empty file", "not an image", "truncated or corrupt",
            "decompression bomb", "too small")
 # Folder names (lower case) that mark an existing split layout, and the split each one means.
-SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test", "testing": "test"}
 # First word of a record note -> the name it is counted under in the summary.
 NOTE_KINDS = {"animated:": "animated", "extension": "extension mismatch", "mode": "converted to RGB",
               "EXIF": "EXIF orientation applied"}
@@ -308,7 +309,7 @@ def _plan(root: Path) -> tuple[str, list[Unit], Counter]:
     skipped["skipped_unlabelled"] += len(top) - len(top_dirs)
     names = {entry.name.lower() for entry in top_dirs}
     layout, units = "classes", [(entry.path, entry.name, None) for entry in top_dirs]
-    if "train" in names and names <= set(SPLIT_FOLDERS) and _has_sub_folders(top_dirs):
+    if names <= set(SPLIT_FOLDERS) and "train" in {SPLIT_FOLDERS[n] for n in names} and _has_sub_folders(top_dirs):
         layout, units = "splits", []  # (split folders holding images directly are classes named train, test...)
         for split_dir in top_dirs:
             inner = _list_dir(Path(split_dir.path), skipped)
@@ -542,8 +543,31 @@ def _result(records_path: Path, root: Path, layout: str, labels: list[str], tall
         rejected_per_class={label: n for label in all_labels if (n := tally.rejected_per_class[label])},
         splits={split: dict(sorted(c.items())) for split, c in sorted(tally.splits.items())},
         formats=dict(tally.formats.most_common()), extension_mismatches=tally.notes["extension mismatch"],
-        notes=dict(tally.notes.most_common()), warnings=walker.warnings,
+        notes=dict(tally.notes.most_common()),
+        warnings=walker.warnings + (_split_like_folders(root) if layout == "classes" else []),
     )
+
+
+def _split_like_folders(root: Path) -> list[str]:
+    """Class folders that hold sub-folders of the same names look like splits under other names
+    (train/, holdout/): said, since each is trained as one class."""
+    inner: dict[str, set[str]] = {}
+    with os.scandir(root) as entries:
+        tops = sorted(entries, key=lambda entry: entry.name)
+    for top in tops:
+        if _is_dir(top) and not top.name.startswith("."):
+            try:
+                with os.scandir(top.path) as entries:
+                    inner[top.name] = {e.name for e in entries if _is_dir(e) and not e.name.startswith(".")}
+            except OSError:
+                continue
+    shared = [name for name in inner if any(inner[name] & inner[other] for other in inner if other != name)]
+    if len(shared) < 2:
+        return []
+    common = sorted(set.union(*(inner[name] for name in shared)))
+    return [f"folders {', '.join(repr(printable(name)) for name in shared[:4])} hold sub-folders of the same names "
+            f"({', '.join(repr(printable(name)) for name in common[:4])}{', ...' if len(common) > 4 else ''}) and are "
+            f"read as {len(shared)} classes; if they are splits, name them train/, val/ and test/."]
 
 
 def _check_usable(result: ScanResult) -> None:
