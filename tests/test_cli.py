@@ -94,6 +94,14 @@ def test_resume_refuses_another_out_folder(tmp_path):
     assert "--out" not in " ".join(same.output.split())  # naming the run folder twice is fine (it is not a run here)
 
 
+def test_a_wrong_unknown_dir_is_refused_before_training(tiny_dataset_module, tmp_path):
+    (tmp_path / "empty").mkdir()
+    for folder, fragment in ((tmp_path / "missing", "is not a folder"), (tmp_path / "empty", "holds no images")):
+        result = runner.invoke(app, ["train", str(tiny_dataset_module), "--out", str(tmp_path / "run"),
+                                     "--unknown-dir", str(folder)])
+        assert result.exit_code == 2 and fragment in result.output and not (tmp_path / "run").exists()
+
+
 def test_a_refused_run_leaves_no_folder_behind(tiny_dataset_module, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_dataset_module, data)
@@ -121,6 +129,26 @@ def test_evaluate_manifest_json(trained):
     assert metrics["accuracy"] == pytest.approx(summary["metrics"]["accuracy"])
     assert set(metrics["per_class"]) == {"blue", "green", "red"}
     assert 0 < summary["metrics"]["train_seconds"] <= summary["metrics"]["wall_seconds"]
+
+
+def test_evaluate_a_folder_honours_its_splits_and_warns_about_training_images(trained, tiny_dataset_module, tmp_path):
+    out, _ = trained
+    bundle = str(out / "model")
+    whole = runner.invoke(app, ["evaluate", bundle, str(tiny_dataset_module), "--json"])
+    metrics = json.loads(whole.stdout)
+    assert whole.exit_code == 0 and metrics["trained_on"] > 0
+    assert f"warning: {metrics['trained_on']} of the {metrics['n']} images" in " ".join(whole.stderr.split())
+    assert "UserWarning" not in whole.stderr  # one CLI line, not Python's warning format
+    refused = runner.invoke(app, ["evaluate", bundle, str(tiny_dataset_module), "--split", "test"])
+    assert refused.exit_code == 2 and "is not split" in refused.output
+    split = tmp_path / "split"
+    for part, colours in (("train", ("red", "green", "blue")), ("test", ("red",))):
+        for colour in colours:
+            shutil.copytree(Path(tiny_dataset_module) / colour, split / part / colour)
+    test_only = json.loads(runner.invoke(app, ["evaluate", bundle, str(split), "--json"]).stdout)
+    assert test_only["n"] == len(list((Path(tiny_dataset_module) / "red").iterdir()))  # one class: fine
+    assert json.loads(runner.invoke(app, ["evaluate", bundle, str(split), "--split", "train", "--json"]).stdout)["n"] \
+        == metrics["n"]
 
 
 def test_backend_option_reaches_every_command_that_runs_the_model(trained, tiny_dataset_module, monkeypatch):

@@ -256,6 +256,9 @@ def test_ood_eval_json(tiny_bundle):
     assert report["n_unknown"] == 20 and set(report["scores"]) == set(ood.SCORES)
     assert report["scores"]["knn"]["auroc"] > 0.95 and report["scores"]["knn-frozen"]["auroc"] > 0.95
     assert {"fpr_at_95_tpr", "selective_accuracy", "known_accepted", "unknown_rejected"} <= set(report["scores"]["knn"])
+    mixed = runner.invoke(app, ["ood-eval", str(folder), "--known", str(held_out), "--unknown", str(noise),
+                                "--unknown", str(images_in(held_out)[0])])
+    assert "warning: 1 of the unknown images are also known images" in " ".join(mixed.stderr.split())
 
 
 @pytest.mark.parametrize("which, verdicts", [("held_out", {"no drift detected"}), ("noise", {"strong"})])

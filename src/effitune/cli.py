@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -30,7 +31,9 @@ def user_errors(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return command(*args, **kwargs)
         except (UserError, ConfigError) as error:
             err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
@@ -47,10 +50,22 @@ def user_errors(command):
     return wrapper
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """effitune's own warnings as one `warning:` line, like the rest of the CLI; others as Python prints them."""
+    if issubclass(category, UserWarning) and "effitune" in Path(filename).parts:
+        err.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def _describe_os_error(error: OSError) -> str:
     if not error.filename:
         return f"{type(error).__name__}: {error}"
     where = f"{error.filename}" + (f" -> {error.filename2}" if error.filename2 else "")
+    if isinstance(error, FileNotFoundError):
+        return f"{where}: no such file or folder. Check the path (were the images moved or renamed since?)."
+    if isinstance(error, PermissionError):
+        return f"{where}: permission denied. Choose a path you may read (inputs) or write (--out)."
     return (f"{where}: {error.strerror or error}. Check that the path is right (a folder where a folder is "
             "expected), that you may write there, and that the disk has room.")
 
@@ -234,7 +249,8 @@ def _interrupted(folder: Path) -> Interrupted:
 @user_errors
 def evaluate(bundle: Path = typer.Argument(..., help="Model bundle folder."),
              data: Path = typer.Argument(..., help="manifest.csv (its test split) or a folder/CSV (all of it)."),
-             split_name: str = typer.Option("test", "--split", help="Which manifest split to evaluate."),
+             split_name: Optional[str] = typer.Option(None, "--split", help="train | val | test (default) of a "
+                                                       "manifest or a train/ val/ test/ folder."),
              backend: str = backend_option(),
              json_output: bool = typer.Option(False, "--json")):
     """Accuracy, top-k and per-class metrics of a bundle on labelled images."""
@@ -471,7 +487,8 @@ def report(bundle: Path = typer.Argument(..., help="Model bundle folder (a run's
 def ood_eval(bundle: Path = typer.Argument(..., help="Model bundle folder."),
              known: Path = typer.Option(..., help="Known images: manifest.csv (its --split) or a labelled folder/CSV."),
              unknown: List[Path] = typer.Option(..., help="Images of no class (files, folders; repeatable)."),
-             split_name: str = typer.Option("test", "--split", help="Which manifest split is the known set."),
+             split_name: Optional[str] = typer.Option(None, "--split", help="Which split is the known set "
+                                                       "(manifest or split folder; default test)."),
              backend: str = backend_option(),
              json_output: bool = typer.Option(False, "--json")):
     """How well each unknown-image score separates known from unknown images (AUROC, FPR at 95% TPR)."""

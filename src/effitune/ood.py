@@ -21,6 +21,8 @@ to the `unknown` section of effitune.json; no pickle anywhere.
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -456,14 +458,18 @@ def acceptance(scores: np.ndarray, threshold: float, correct: np.ndarray) -> dic
             "selective_accuracy": float(correct[accepted].mean()) if accepted.any() else float("nan")}
 
 
-def evaluate(predictor, known: str | Path, unknown: Iterable, split: str = "test") -> dict:
+def evaluate(predictor, known: str | Path, unknown: Iterable, split: str | None = None) -> dict:
     """Every score on labelled known images (a manifest's split or a folder) vs images of no class."""
     from .evaluate.evaluate import labelled_paths
 
     detector = require_detector(predictor)
     label_of = dict(labelled_paths(known, split))
     paths, logits, features, _ = embed(predictor, list(label_of))
-    _, unknown_logits, unknown_features, failed = embed(predictor, unknown)
+    unknown_paths, unknown_logits, unknown_features, failed = embed(predictor, unknown)
+    both = {os.path.realpath(path) for path in paths} & {os.path.realpath(path) for path in unknown_paths}
+    if both:
+        warnings.warn(f"{len(both)} of the unknown images are also known images (e.g. {sorted(both)[0]}): the "
+                      "scores will look worse than they are. Give images of no class as the unknown set.", stacklevel=2)
     if not len(paths) or not len(unknown_logits):
         raise UserError(f"ood-eval needs readable known and unknown images; found {len(paths)} known and "
                         f"{len(unknown_logits)} unknown ({len(failed)} unreadable).")

@@ -289,7 +289,7 @@ def _open_csv(csv_path: Path) -> Iterator[csv.DictReader]:
         yield reader
 
 
-def _plan(root: Path) -> tuple[str, list[Unit], Counter]:
+def _plan(root: Path, min_classes: int = 2) -> tuple[str, list[Unit], Counter]:
     """Decide the layout and list the class folders: (layout, [(folder, label, split)], skipped)."""
     skipped: Counter = Counter()
     if not root.exists():
@@ -320,7 +320,7 @@ def _plan(root: Path) -> tuple[str, list[Unit], Counter]:
     if not labels:
         raise UserError(f"{root} has no class folders, only files. Put the images of each class in a "
                         "sub-folder named after the class, e.g. DATA/cat/1.jpg and DATA/dog/2.jpg.")
-    if len(labels) == 1:
+    if len(labels) == 1 and min_classes > 1:
         raise UserError(f"{root} has a single class folder ({printable(labels[0])!r}); a classifier needs at "
                         "least two. Add a folder of images for each other class.")
     return layout, sorted(units), skipped
@@ -433,17 +433,19 @@ class _Tally:
 
 # ------------------------------------------------------------------------------------------ scan
 def scan(data: str | Path, *, out: str | Path | None = None, config: DataConfig | None = None,
-         workers: int | None = None, progress: bool = True, sharded: bool = False) -> ScanResult:
+         workers: int | None = None, progress: bool = True, sharded: bool = False,
+         min_classes: int = 2) -> ScanResult:
     """Check every image under `data` and write one record per file to `out/records.jsonl`.
 
     `data`: a folder with one sub-folder per class (optionally inside train/ val/ test/), or a CSV
     with `path,label` columns (paths relative to the CSV, or URLs such as `s3://…` read through fsspec).
     `out` defaults to a fresh temporary folder. `sharded`: every rank of a distributed run calls this
     together (same `out`) and checks its share of the files; every rank gets the same result.
+    `min_classes`: 1 to read labelled images of one class (evaluation), 2 for training.
     """
     config = config or DataConfig()
     root = Path(os.path.abspath(data))
-    layout, units, skipped = _plan(root)
+    layout, units, skipped = _plan(root, min_classes)
     make_tasks = functools.partial(_Walker.tasks, root=root, layout=layout, units=units)
     out = Path(tempfile.mkdtemp(prefix="effitune-scan-")) if out is None else Path(os.path.abspath(out))
     if layout != "csv" and Path(os.path.realpath(out)).is_relative_to(os.path.realpath(root)):
@@ -472,7 +474,7 @@ def scan(data: str | Path, *, out: str | Path | None = None, config: DataConfig 
         raise
     partial_path.replace(records_path)
     result = _result(records_path, root, layout, sorted({label for _, label, _ in units}), tally, walker)
-    _check_usable(result)
+    _check_usable(result, min_classes)
     return result
 
 
@@ -570,7 +572,7 @@ def _split_like_folders(root: Path) -> list[str]:
             f"read as {len(shared)} classes; if they are splits, name them train/, val/ and test/."]
 
 
-def _check_usable(result: ScanResult) -> None:
+def _check_usable(result: ScanResult, min_classes: int = 2) -> None:
     """Raise the user errors that only the finished scan can tell."""
     counts, root = result.counts, result.root
     seen = counts["ok"] + counts["rejected"]
@@ -584,7 +586,7 @@ def _check_usable(result: ScanResult) -> None:
         raise UserError(f"None of the {seen} files listed in {root} exist. Relative paths are read from "
                         f"{root.parent}; fix the paths or move the CSV next to the images.")
     usable = [label for label, count in result.per_class.items() if count]
-    if len(usable) < 2:
+    if len(usable) < min_classes:
         found = f"only {printable(usable[0])!r} has" if usable else "no class has"
         raise UserError(f"Of the classes in {root}, {found} usable images; a classifier needs at least two. "
                         f"See the rejected files in {result.records_path}.")

@@ -1,6 +1,8 @@
 """Evaluate a bundle on labelled images: a manifest's split, or a whole folder / CSV."""
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,25 +13,53 @@ from ..predict import Predictor, softmax
 from .metrics import classification_metrics
 
 
-def labelled_paths(data: str | Path, split: str = "test") -> list[tuple[str, str]]:
+def labelled_paths(data: str | Path, split: str | None = None) -> list[tuple[str, str]]:
+    """(path, label) of labelled images: a manifest's or split CSV's `split` (default test), a split
+    folder's (train/ val/ test/, default test), or all of a plain folder or CSV (`split` must be None)."""
     data = Path(data)
     if data.suffix == ".csv" and data.is_file():
         with open(data, encoding="utf-8", errors="surrogateescape") as stream:
             header = stream.readline()
         if "split" in header:
-            rows = [r for r in read_manifest(data) if r["split"] == split]
+            rows = [r for r in read_manifest(data) if r["split"] == (split or "test")]
             if not rows:
-                raise UserError(f"{data} has no rows in split '{split}'. Use --split train|val|test.")
+                raise UserError(f"{data} has no rows in split '{split or 'test'}'. Use --split train|val|test.")
             return [(r["path"], r["label"]) for r in rows]
     from ..data.scan import load_ok_records, scan
 
-    result = scan(data, progress=False)
-    return [(r["path"], r["label"]) for r in load_ok_records(result.records_path)]
+    records = load_ok_records(scan(data, progress=False, min_classes=1).records_path)
+    if not any(r.get("split") for r in records):
+        if split is not None:
+            raise UserError(f"{data} is not split (no train/ val/ test/ folders, no split column): it is "
+                            f"evaluated whole. Leave out --split {split}, or pass the run's manifest.csv.")
+        return [(r["path"], r["label"]) for r in records]
+    chosen = [(r["path"], r["label"]) for r in records if r.get("split") == (split or "test")]
+    if not chosen:
+        raise UserError(f"{data} has no images in its '{split or 'test'}' split. Use --split train|val|test.")
+    return chosen
 
 
-def evaluate_bundle(bundle: str | Path, data: str | Path, split: str = "test", predictor: Predictor | None = None) -> dict:
+def trained_on(bundle: str | Path, paths: list[str]) -> int:
+    """How many of `paths` are train or val images of the run that made `bundle` (its manifest.csv,
+    when the bundle still sits in its run folder): evaluating on them flatters the model."""
+    manifest = Path(bundle).parent / "manifest.csv"
+    if not manifest.is_file():
+        return 0
+    seen = {os.path.realpath(r["path"]) for r in read_manifest(manifest) if r["split"] in ("train", "val")}
+    return sum(os.path.realpath(path) in seen for path in paths)
+
+
+def evaluate_bundle(bundle: str | Path, data: str | Path, split: str | None = None,
+                    predictor: Predictor | None = None) -> dict:
+    """Metrics of `bundle` on labelled images (`labelled_paths`); `trained_on`: how many of them the
+    model was trained or validated on (a warning says so when any)."""
     predictor = predictor or Predictor(bundle)
     pairs = labelled_paths(data, split)
+    seen = trained_on(bundle, [path for path, _ in pairs])
+    if seen:
+        warnings.warn(f"{seen} of the {len(pairs)} images in {data} trained or validated this model (they are in "
+                      f"the train/val split of {Path(bundle).parent / 'manifest.csv'}): the accuracy is optimistic. "
+                      "Evaluate on the run's test split: effitune evaluate BUNDLE RUN/manifest.csv.", stacklevel=2)
     unknown = sorted({label for _, label in pairs} - set(predictor.classes))
     if unknown:
         raise UserError(f"{data} has classes the model does not know: {unknown[:5]}. The bundle knows "
@@ -40,7 +70,8 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, split: str = "test", p
     chunks = (np.stack([_image(predictor, path, data) for path, _ in pairs[start:start + chunk]])
               for start in range(0, len(pairs), chunk))
     logits = predictor.run_pass(chunks, len(pairs))[0]  # ONNX Runtime on a CPU when it agrees with PyTorch
-    return classification_metrics(softmax(logits, predictor.temperature), labels, predictor.classes)
+    return {**classification_metrics(softmax(logits, predictor.temperature), labels, predictor.classes),
+            "trained_on": seen}
 
 
 def _image(predictor: Predictor, path: str, data: str | Path) -> np.ndarray:

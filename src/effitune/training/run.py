@@ -105,6 +105,7 @@ def train(data: str | Path | None = None, *, out: str | Path = "runs/run", confi
     """
     arguments = dict(locals())  # every parameter, for the processes `distributed.launch` starts
     started = time.perf_counter()
+    _check_unknown_dir(unknown_dir)
     _quiet_lightning()
     plan = _plan(_saved_config(resume) if resume is not None else config or Config())
     if plan.launch == "self":
@@ -148,6 +149,20 @@ def train(data: str | Path | None = None, *, out: str | Path = "runs/run", confi
 
 
 # --- opening a run ------------------------------------------------------------------------------
+
+def _check_unknown_dir(unknown_dir) -> None:
+    """Example images of no class are read at the end of a run: a wrong folder is said before it starts."""
+    from ..predict import expand_sources
+
+    if unknown_dir is None:
+        return
+    if not Path(unknown_dir).is_dir():
+        raise UserError(f"--unknown-dir {unknown_dir} is not a folder. Pass a folder of example images that belong "
+                        "to no class, or leave the option out.")
+    if next(expand_sources([unknown_dir]), None) is None:
+        raise UserError(f"--unknown-dir {unknown_dir} holds no images. Put example images of no class there, or "
+                        "leave the option out.")
+
 
 def _open_run(data, out, config, manifest, resume) -> tuple[RunPaths, Config, list[dict]]:
     if resume is not None:
