@@ -270,3 +270,25 @@ def test_an_empty_folder_leaves_no_output_file(setup, tmp_path):
     (tmp_path / "empty").mkdir()
     result = runner.invoke(app, ["predict", str(predictor.folder), str(tmp_path / "empty"), "--out", str(tmp_path / "p.csv")])
     assert result.exit_code == 2 and "no images in" in result.output and not (tmp_path / "p.csv").exists()
+
+
+def test_a_very_large_photo_is_predicted_without_pillows_warning(setup):
+    """Pillow warns about images over MAX_IMAGE_PIXELS (89 MP: a 108-MP phone photo); predict reads them
+    quietly and Pillow's refusal at twice that stays a per-file error. The limit is lowered here."""
+    import subprocess
+    import sys
+
+    predictor, images = setup
+    code = ("import json, sys\nfrom PIL import Image\nImage.MAX_IMAGE_PIXELS = 5000\nimport effitune\n"
+            "from effitune.predict import Predictor\n"
+            "results = Predictor(sys.argv[1]).predict(sys.argv[2:])\n"
+            "print(json.dumps([sorted(r) for r in results]))")
+    big, huge = images.parent / "6000px.png", images.parent / "12000px.png"
+    random_image(1, (100, 60)).save(big)  # over the limit, under twice it: read
+    random_image(2, (120, 100)).save(huge)  # over twice the limit: refused
+    done = subprocess.run([sys.executable, "-c", code, str(predictor.folder), str(big), str(huge)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "DecompressionBomb" not in done.stderr
+    first, second = json.loads(done.stdout)
+    assert "label" in first and second == ["error", "path"]

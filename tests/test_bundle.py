@@ -41,6 +41,21 @@ def test_saving_over_an_existing_bundle_is_atomic(tmp_path):
 def test_not_a_bundle(tmp_path):
     with pytest.raises(UserError, match="not an effitune model bundle"):
         Predictor(tmp_path)
+    with pytest.raises(UserError, match="does not exist"):
+        Predictor(tmp_path / "nowhere")
+    save_random_bundle(tmp_path / "run" / "model")
+    with pytest.raises(UserError, match="is a run folder; its model bundle is .*model: pass that"):
+        Predictor(tmp_path / "run")
+    with pytest.raises(UserError, match="pass the folder that holds it"):
+        Predictor(tmp_path / "run" / "model" / "effitune.json")
+
+
+@pytest.mark.parametrize("version", ["2", None, 1.5, True, 0])
+def test_a_bad_format_version_is_named_as_such(tmp_path, version):
+    save_random_bundle(tmp_path / "model")
+    bundles.update_meta(tmp_path / "model", format_version=version)
+    with pytest.raises(UserError, match="'format_version' should be a whole number"):
+        Predictor(tmp_path / "model")
 
 
 def test_corrupted_weights(tmp_path):

@@ -229,6 +229,10 @@ def test_resume_after_kill(tiny_dataset_module, tmp_path):
     rows = [line.split(",") for line in (out / "history.csv").read_text().splitlines()[1:]]
     epochs = [int(r[2]) for r in rows if r[0] == "stage2-depth1"]
     assert epochs == sorted(epochs) and len(epochs) == len(set(epochs))
+    metrics = (out / "metrics.json").read_bytes()
+    again = runner.invoke(app, ["train", "--resume", str(out)])
+    assert again.exit_code == 2 and "is finished already" in again.output
+    assert (out / "metrics.json").read_bytes() == metrics  # its timing is not rewritten
 
 
 def test_split_warns_about_a_class_folder_it_leaves_out(tmp_path):

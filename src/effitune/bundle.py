@@ -90,8 +90,7 @@ def read_meta(folder: str | Path) -> dict:
     folder = Path(folder)
     meta_path = folder / META_FILE
     if not folder.is_dir() or not meta_path.is_file():
-        raise UserError(f"{folder} is not an effitune model bundle (no {META_FILE} inside). Pass the folder that "
-                        "`effitune train` wrote (its `model/` subfolder).")
+        raise UserError(_not_a_bundle(folder))
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -99,8 +98,11 @@ def read_meta(folder: str | Path) -> dict:
     if not isinstance(meta, dict):
         raise UserError(f"{meta_path} is damaged (a JSON object was expected). Copy the bundle again or re-train.")
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise UserError(f"{meta_path} has bundle format {version!r}; this effitune reads up to "
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise UserError(f"{meta_path}: 'format_version' should be a whole number (this effitune writes "
+                        f"{FORMAT_VERSION}), not {json.dumps(version)}. Undo the edit, or copy the bundle again.")
+    if version > FORMAT_VERSION:
+        raise UserError(f"{meta_path} has bundle format {version}; this effitune reads up to "
                         f"{FORMAT_VERSION}. Upgrade effitune.")
     for key in ("classes", "backbone", "preprocessing"):
         if key not in meta:
@@ -154,6 +156,17 @@ def _check_field_types(meta: dict, meta_path: Path) -> None:
         if not check(parent[path[-1]]):
             raise UserError(f"{meta_path}: '{name}' should be {expected}, not {json.dumps(parent[path[-1]])[:80]}. "
                             "Undo the edit, or copy the bundle again.")
+
+
+def _not_a_bundle(path: Path) -> str:
+    if path.name == META_FILE and path.is_file():
+        return f"{path} is the bundle's metadata file; pass the folder that holds it: {path.parent}"
+    if (path / "model" / META_FILE).is_file():
+        return f"{path} is a run folder; its model bundle is {path / 'model'}: pass that."
+    if not path.exists():
+        return f"{path} does not exist. Pass the model bundle folder that `effitune train` wrote (RUN/model)."
+    return (f"{path} is not an effitune model bundle (no {META_FILE} inside). Pass the folder that "
+            "`effitune train` wrote (its `model/` subfolder).")
 
 
 def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:

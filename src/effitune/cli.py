@@ -378,11 +378,11 @@ def demo(out: Path = typer.Option(Path("demo"), help="Where the images and the r
 @user_errors
 def serve(bundle: Path = typer.Argument(..., help="Model bundle folder."),
           host: str = typer.Option("127.0.0.1", help="Interface to listen on; 0.0.0.0 exposes it to the network."),
-          port: int = typer.Option(8000),
-          workers: int = typer.Option(2, help="Inference threads; more requests wait in a bounded queue."),
+          port: int = typer.Option(8000, min=0, max=65535),
+          workers: int = typer.Option(2, min=1, help="Inference threads; more requests wait in a bounded queue."),
           api_key: Optional[str] = typer.Option(None, envvar="EFFITUNE_API_KEY", show_default=False,
                                                 help="Require this key in the X-API-Key header."),
-          max_images: int = typer.Option(16, help="Images per request."),
+          max_images: int = typer.Option(16, min=1, help="Images per request."),
           max_upload_mb: float = typer.Option(10.0, help="Request body limit in MiB."),
           timeout: float = typer.Option(30.0, help="Seconds a request may wait and run before 504."),
           batch_window_ms: float = typer.Option(0.0, help="Wait this long to batch concurrent requests (0: off)."),
@@ -407,7 +407,22 @@ def serve(bundle: Path = typer.Argument(..., help="Model bundle folder."),
                              batch_window_ms=batch_window_ms)
     if threads:  # cores / workers avoids oversubscription on a quiet machine; measure before choosing
         torch.set_num_threads(threads)
+    _check_can_listen(host, port)
     uvicorn.run(application, host=host, port=port, server_header=False, log_level="info")
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    """A port in use or a host that is not this machine's: one error line, not uvicorn's traceback."""
+    import socket
+
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            probe.bind(address)
+    except OSError as error:
+        raise UserError(f"cannot listen on {host}:{port} ({error.strerror or error}): another program may use "
+                        "that port (pass --port N), or --host is not an address of this machine.") from None
 
 
 @app.command()

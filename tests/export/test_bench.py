@@ -48,4 +48,4 @@ def test_cli_refuses_unknown_format_and_missing_bundle(tmp_path):
     result = runner.invoke(app, ["export", str(tmp_path), "--format", "tflite"])
     assert result.exit_code == 2 and "Unknown export format 'tflite'" in result.output
     result = runner.invoke(app, ["benchmark", str(tmp_path / "nowhere"), "--json"])
-    assert result.exit_code == 2 and "not an effitune model bundle" in result.output
+    assert result.exit_code == 2 and "does not exist. Pass the model bundle folder" in result.output

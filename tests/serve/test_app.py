@@ -250,3 +250,19 @@ def test_cli_serves_on_localhost_with_the_key_from_the_environment(bundle):
         server.wait(30)
     assert refused.status_code == 401 and served.status_code == 200
     assert served.json()["results"][0]["label"] in ("a", "b", "c")
+
+
+def test_cli_says_when_it_cannot_listen(bundle):
+    from typer.testing import CliRunner
+
+    from effitune.cli import app
+
+    runner = CliRunner()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = runner.invoke(app, ["serve", str(bundle), "--port", str(port)])
+    assert busy.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in busy.output and "--port N" in busy.output
+    out_of_range = runner.invoke(app, ["serve", str(bundle), "--port", "99999"])
+    assert out_of_range.exit_code == 2 and "Traceback" not in out_of_range.output

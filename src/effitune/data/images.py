@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 from pathlib import Path
 from typing import BinaryIO
 
@@ -27,6 +28,10 @@ except ImportError:
 else:
     register_heif_opener()
 EXIF_ORIENTATION_TAG = 0x0112
+# Pillow warns from 89 MP and refuses from 179 MP. effitune sets its own limit where input is untrusted
+# or trained on (scan, serve: data.max_pixels) and says so per file; a 108-MP phone photo given to
+# `predict` is read, without Pillow's warning on the console. Pillow's refusal stays.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 # `s3://…`, `gs://…`, `https://…`, `memory://…`, `file://…`: a scheme of two letters or more, so a
 # Windows drive (C:\) is never taken for one.
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")

@@ -169,6 +169,9 @@ def _open_run(data, out, config, manifest, resume) -> tuple[RunPaths, Config, li
         paths = RunPaths(resume)
         if not paths.config.is_file() or not paths.manifest.is_file():
             raise UserError(f"{paths.root} is not an effitune run folder to resume (no config.yaml/manifest.csv).")
+        if (paths.root / "metrics.json").is_file() and (paths.model / bundles.META_FILE).is_file():
+            raise UserError(f"{paths.root} is finished already: its bundle is {paths.model}. Nothing to resume; "
+                            "train again with another --out.")
         return paths, load_config(paths.config), read_manifest(paths.manifest)
     paths = RunPaths(out)
     if paths.state.is_file():
