@@ -74,3 +74,18 @@ def test_missing_and_bad_files(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+
+
+def test_the_python_api_takes_a_dict_or_a_yaml_path_as_config(tmp_path):
+    from effitune.config import as_config
+
+    nested = as_config({"train": {"batch_size": 32}, "data": {"image_size": 64}})
+    dotted = as_config({"train.batch_size": 32, "data.image_size": 64})
+    assert nested.to_dict() == dotted.to_dict() and nested.train.batch_size == 32
+    (tmp_path / "c.yaml").write_text("train:\n  batch_size: 32\ndata:\n  image_size: 64\n")
+    assert as_config(tmp_path / "c.yaml").to_dict() == as_config(str(tmp_path / "c.yaml")).to_dict() == nested.to_dict()
+    assert as_config(nested) is nested
+    with pytest.raises(ConfigError, match="Unknown config key 'train.bach_size'"):
+        as_config({"train": {"bach_size": 32}})
+    with pytest.raises(ConfigError, match="got list"):
+        as_config([("train.batch_size", 32)])

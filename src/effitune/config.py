@@ -156,6 +156,18 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return config
 
 
+def as_config(value: "Config | dict | str | Path") -> Config:
+    """What the Python API takes as `config`: a Config, a dict ({"train": {"batch_size": 32}} or
+    {"train.batch_size": 32}) or a YAML file's path, checked like the CLI's."""
+    if isinstance(value, Config):
+        return value
+    if isinstance(value, dict):
+        return load_config(overrides=value)
+    if isinstance(value, (str, os.PathLike)):
+        return load_config(value)
+    raise ConfigError(f"config must be a Config, a dict or a YAML file's path; got {type(value).__name__}.")
+
+
 def config_from_dict(values: dict[str, Any]) -> Config:
     config = Config()
     _merge(config, values, "")

@@ -22,7 +22,7 @@ from typing import Any
 import lightning as L
 import yaml
 
-from .config import Config, ConfigError, config_from_dict, load_config, save_config, validate
+from .config import Config, ConfigError, as_config, config_from_dict, load_config, save_config, validate
 from .errors import UserError
 
 # name -> (kind, choices or (low, high)). "size" choices are filled from the data (see size_choices).
@@ -52,7 +52,8 @@ class TuneResult:
 
 
 def tune(data: str | Path | None = None, *, out: str | Path = "runs/tune", trials: int = 20,
-         budget_min: float | None = None, config: Config | None = None, manifest: str | Path | None = None,
+         budget_min: float | None = None, config: Config | dict | str | None = None,
+         manifest: str | Path | None = None,
          params: list[str] | None = None, epochs: int | None = None, seed: int = 0,
          cache_root: str | Path | None = None, confirm_top: int = 3, confirm_seeds: int = 2) -> TuneResult:
     """Run (or continue) a study of `trials` trials in `out`; return the best and write best.yaml.
@@ -71,6 +72,7 @@ def tune(data: str | Path | None = None, *, out: str | Path = "runs/tune", trial
     """
     import optuna
 
+    config = None if config is None else as_config(config)
     folder = Path(out)
     started = time.perf_counter()
     if config is not None and (str(config.train.devices) not in ("auto", "1") or (config.train.num_nodes or 1) > 1):

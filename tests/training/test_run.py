@@ -175,3 +175,11 @@ def test_without_a_test_split_the_run_says_it_was_not_tested(tiny_dataset_module
     said = " ".join(capsys.readouterr().err.split())
     assert "the split has no test images" in said and "no test images: not tested" in said and "nan" not in said
     assert "accuracy" not in result.metrics and (result.bundle / "weights.safetensors").is_file()
+
+
+def test_train_takes_a_dict_config_from_a_notebook(tiny_dataset_module, tmp_path):
+    result = train(tiny_dataset_module, out=tmp_path / "run", progress=False, finish=False,
+                   config={"data": {"image_size": 32}, "train.unfreeze": "0", "train.stage1.epochs": 1,
+                           "train.accelerator": "cpu"})
+    saved = load_config(result.run_dir / "config.yaml")
+    assert saved.data.image_size == 32 and saved.train.stage1.epochs == 1 and saved.train.unfreeze == "0"

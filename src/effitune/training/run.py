@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from .. import bundle as bundles
 from .. import distributed
-from ..config import Config, StageConfig, config_from_dict, load_config, save_config
+from ..config import Config, StageConfig, as_config, config_from_dict, load_config, save_config
 from ..data.batches import ImageBatches
 from ..data.cache import ImageCache
 from ..data.datamodule import ActivationDataset, ImageDataModule, class_weights, collate_batched
@@ -88,12 +88,13 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("EFFITUNE_CACHE", Path.home() / ".cache" / "effitune"))
 
 
-def train(data: str | Path | None = None, *, out: str | Path = "runs/run", config: Config | None = None,
+def train(data: str | Path | None = None, *, out: str | Path = "runs/run", config: Config | dict | str | None = None,
           manifest: str | Path | None = None, resume: str | Path | None = None,
           cache_root: str | Path | None = None, progress: bool = True,
           unknown_dir: str | Path | None = None, features_dir: str | Path | None = None,
           callbacks: tuple = (), finish: bool = True) -> TrainResult:
-    """`unknown_dir`: example images of no class; the unknown-image score is then chosen on them.
+    """`config`: a Config, a dict ({"train": {"epochs": 5}} or {"train.batch_size": 32}) or a YAML path.
+    `unknown_dir`: example images of no class; the unknown-image score is then chosen on them.
 
     For tuning trials: `features_dir` shares one frozen-prefix cache between runs on the same manifest,
     `callbacks` (Lightning) join every phase, and `finish=False` stops after the phases (validation
@@ -103,6 +104,7 @@ def train(data: str | Path | None = None, *, out: str | Path = "runs/run", confi
     this; without a launcher it starts the processes itself and returns rank 0's result (see
     `effitune.distributed`). Rank 0 alone writes the run's files; the other ranks return no metrics.
     """
+    config = None if config is None else as_config(config)  # a dict or a YAML path from a notebook
     arguments = dict(locals())  # every parameter, for the processes `distributed.launch` starts
     started = time.perf_counter()
     _check_unknown_dir(unknown_dir)
@@ -294,8 +296,8 @@ def _train_phases(network: Network, datamodule: ImageDataModule, config: Config,
             break
         result = _fit_phase(network, phase, datamodule, inputs, config, paths, progress, callbacks)
         state = distributed.on_main(_save_phase, network, phase, result, state, paths)
-        console.print(f"{phase.name}: val accuracy {result['val_acc']:.4f} ({result['epochs']} epoch{'s' * (result['epochs'] != 1)}, "
-                      f"{result['seconds']:.0f} s)")
+        epochs = f"{result['epochs']} epoch{'s' * (result['epochs'] != 1)}"
+        console.print(f"{phase.name}: val accuracy {result['val_acc']:.4f} ({epochs}, {result['seconds']:.0f} s)")
     network.load_state_dict(load_file(paths.phases / f"{state['best']}.safetensors"))
     return [{"phase": name, **info, "best": name == state["best"]} for name, info in state["done"].items()]
 
