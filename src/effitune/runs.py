@@ -21,8 +21,9 @@ COLUMNS = ("run", "status", "backbone", "size", "unfreeze", "best_phase", "epoch
 
 
 def is_run(folder: Path) -> bool:
-    return (folder / "config.yaml").is_file() and ((folder / "state.json").is_file()
-                                                    or (folder / "metrics.json").is_file())
+    """A run folder: its config and what any stage of a run leaves (a split, phases, metrics)."""
+    return (folder / "config.yaml").is_file() and any((folder / name).is_file()
+                                                      for name in ("state.json", "metrics.json", "manifest.csv"))
 
 
 def find_runs(root: str | Path) -> list[Path]:
