@@ -7,6 +7,7 @@ to a temporary sibling folder and renamed into place, so a crash never leaves a 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -167,6 +168,15 @@ def _not_a_bundle(path: Path) -> str:
         return f"{path} does not exist. Pass the model bundle folder that `effitune train` wrote (RUN/model)."
     return (f"{path} is not an effitune model bundle (no {META_FILE} inside). Pass the folder that "
             "`effitune train` wrote (its `model/` subfolder).")
+
+
+def weights_fingerprint(folder: str | Path) -> str:
+    """SHA-1 of the bundle's weights file: what an exported graph records, so a stale copy is caught."""
+    digest = hashlib.sha1()
+    with open(Path(folder) / WEIGHTS_FILE, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:

@@ -464,8 +464,8 @@ def export(bundle: Path = typer.Argument(..., help="Model bundle folder."),
 @user_errors
 def benchmark(bundles: List[Path] = typer.Argument(..., help="Model bundle folders."),
               out: Path = typer.Option(Path("benchmark"), help="Folder for benchmark.json and benchmark.png."),
-              runs: int = typer.Option(50, help="Timed batch-1 calls per backend (after warm-up)."),
-              batch_size: int = typer.Option(32, help="Batch size for the throughput measurement."),
+              runs: int = typer.Option(50, min=1, help="Timed batch-1 calls per backend (after warm-up)."),
+              batch_size: int = typer.Option(32, min=1, help="Batch size for the throughput measurement."),
               json_output: bool = typer.Option(False, "--json")):
     """Batch-1 latency, throughput, size and accuracy of PyTorch and each exported model, on this machine."""
     from .export.bench import benchmark as run_benchmark, save, table

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .bundle import read_meta, read_weights
+from .bundle import read_meta, read_weights, weights_fingerprint
 from .data.images import IMAGE_EXTENSIONS, is_url, load_for_model
 from .errors import UserError
 from .export import ONNX_FILES
@@ -102,8 +102,8 @@ class OnnxEngine:
         self.session = ort.InferenceSession(model if in_memory else str(model), options,
                                             providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
-        shape = next((o.shape for o in self.session.get_outputs() if o.name == "features"), None)
-        self.feature_width = shape[-1] if shape and isinstance(shape[-1], int) else None
+        widths = {o.name: o.shape[-1] for o in self.session.get_outputs() if o.shape and isinstance(o.shape[-1], int)}
+        self.feature_width, self.logit_width = widths.get("features"), widths.get("logits")
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, H, W, 3) -> (logits (N, classes), features (N, D [+ P])), float32."""
@@ -185,23 +185,52 @@ class Predictor:
         self.pooled_dim: int | None = self.meta.get("embedding", {}).get("pooled_dim")
         self.device = device
         self.backend = choose_backend(self.folder, backend, device)
-        self.engine = TorchEngine(self.network, device) if self.backend == "torch" \
-            else OnnxEngine(self.folder / ONNX_FILES[self.backend])
-        self._check_feature_width()
+        self.engine = self._open_engine(fallback=backend == "auto")
         self.unknown = load_detector(self.folder, self.meta)  # None: the bundle has no unknown-image statistics
         if self.unknown is not None:
             self.unknown.use_backend(self.backend)
 
-    def _check_feature_width(self) -> None:
-        """An ONNX file must give the features this bundle's statistics were fitted on."""
+    def _open_engine(self, fallback: bool):
+        """The backend's engine. An exported file that cannot be read, or was not made from this bundle's
+        weights (copied from another bundle, or left from before a re-train), is refused; with backend
+        `auto` the bundle runs in PyTorch instead, with a warning."""
+        if self.backend == "torch":
+            return TorchEngine(self.network, self.device)
+        path = self.folder / ONNX_FILES[self.backend]
+        problem, engine = self._stale_export(path), None
+        if problem is None:
+            try:
+                engine = OnnxEngine(path)
+            except Exception as error:  # noqa: BLE001 - a damaged or foreign file: said, never a traceback
+                problem = f"{path} cannot be read ({type(error).__name__}: {str(error)[:200]})"
+        problem = problem or self._wrong_shape(engine, path)
+        if problem is None:
+            return engine
+        fix = f"Export it again: `effitune export {self.folder}`"
+        if not fallback:
+            raise UserError(f"{problem}. {fix}, or use --backend torch.")
+        warnings.warn(f"{problem}; running in PyTorch instead. {fix}.", stacklevel=3)
+        self.backend = "torch"
+        return TorchEngine(self.network, self.device)
+
+    def _stale_export(self, path: Path) -> str | None:
+        record = self.meta.get("export", {}).get(self.backend)
+        if not isinstance(record, dict):
+            return f"{path} is not recorded in {self.folder / 'effitune.json'} (copied from another bundle?)"
+        if "weights_sha1" in record and record["weights_sha1"] != weights_fingerprint(self.folder):
+            return f"{path} was exported from other weights than this bundle's (another bundle's, or from before " \
+                   "a re-train)"
+        return None
+
+    def _wrong_shape(self, engine: "OnnxEngine", path: Path) -> str | None:
+        """An ONNX file must give this bundle's classes and the features its statistics were fitted on."""
         embedding = self.meta.get("embedding") or {}
-        width = getattr(self.engine, "feature_width", None)
         expected = embedding["pooled_dim"] + embedding["prefix_dim"] if embedding else None
-        if width is not None and expected is not None and width != expected:
-            path = self.folder / ONNX_FILES[self.backend]
-            raise UserError(f"{path} gives {width} feature columns, but this bundle's metadata says {expected}: "
-                            f"it was exported from another model or an older effitune. Export it again: "
-                            f"`effitune export {self.folder}`.")
+        if engine.logit_width is not None and engine.logit_width != len(self.classes):
+            return f"{path} gives {engine.logit_width} classes, but this bundle has {len(self.classes)}"
+        if engine.feature_width is not None and expected is not None and engine.feature_width != expected:
+            return f"{path} gives {engine.feature_width} feature columns, but this bundle's metadata says {expected}"
+        return None
 
     @functools.cached_property
     def network(self) -> Network:

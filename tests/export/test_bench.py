@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from test_onnx import copy_run, exported_run, reuse_graph  # noqa: F401 - fixtures
 from typer.testing import CliRunner
 
 from effitune import bundle as bundles
 from effitune.cli import app
+from effitune.errors import UserError
 from effitune.export.bench import benchmark, save, table
 
 runner = CliRunner()
@@ -49,3 +51,11 @@ def test_cli_refuses_unknown_format_and_missing_bundle(tmp_path):
     assert result.exit_code == 2 and "Unknown export format 'tflite'" in result.output
     result = runner.invoke(app, ["benchmark", str(tmp_path / "nowhere"), "--json"])
     assert result.exit_code == 2 and "does not exist. Pass the model bundle folder" in result.output
+
+
+def test_runs_and_batch_size_below_one_are_refused(tmp_path):
+    for option in ("--runs", "--batch-size"):
+        result = runner.invoke(app, ["benchmark", str(tmp_path), option, "0"])
+        assert result.exit_code == 2 and "Traceback" not in result.output
+    with pytest.raises(UserError, match="at least 1"):
+        benchmark([tmp_path], runs=0)

@@ -362,3 +362,30 @@ def test_in_memory_engine_serves_other_backbone_families(name):
     backbone, _ = create_backbone(name, 3, pretrained=False)
     images = np.random.default_rng(3).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
     assert onnx_export.in_memory_engine(Network(backbone, (0.5,) * 3, (0.5,) * 3).eval(), images) is not None
+
+
+def test_an_exported_file_from_other_weights_or_damaged_is_refused_or_bypassed(exported_run, tmp_path):
+    """A model.onnx copied from another bundle, left from before a re-train, or damaged: `--backend onnx`
+    refuses it with the fix; `auto` (the default) runs PyTorch instead with a warning, never wrong answers."""
+    copy = copy_run(exported_run, tmp_path / "stale", keep=("model.onnx",))
+    record = bundles.read_meta(copy)["export"]
+    assert Predictor(copy).backend == "onnx"  # a whole copy of a bundle keeps its exported file
+    bundles.update_meta(copy, export={})  # model.onnx from another bundle: not recorded in this one
+    with pytest.raises(UserError, match="is not recorded in .*Export it again"):
+        Predictor(copy, backend="onnx")
+    bundles.update_meta(copy, export=record)  # as exported...
+    state = bundles.read_weights(copy)
+    first = next(iter(state))
+    state[first] = state[first] + 0.01  # ...then re-trained
+    from safetensors.torch import save_file
+    save_file(state, copy / bundles.WEIGHTS_FILE)
+    with pytest.raises(UserError, match="exported from other weights than this bundle's"):
+        Predictor(copy, backend="onnx")
+    with pytest.warns(UserWarning, match="running in PyTorch instead"):
+        assert Predictor(copy).backend == "torch"
+    (copy / "model.onnx").write_bytes(b"junk")
+    bundles.update_meta(copy, export={"onnx": {**bundles.read_meta(copy)["export"]["onnx"],
+                                               "weights_sha1": bundles.weights_fingerprint(copy)}})
+    with pytest.raises(UserError, match="model.onnx cannot be read"):
+        Predictor(copy, backend="onnx")
+    assert Predictor(exported_run).backend == "onnx"  # the genuine article still runs

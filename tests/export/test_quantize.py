@@ -22,7 +22,7 @@ def quantized(exported_run, tmp_path_factory):
 def test_int8_is_smaller_and_its_accuracy_is_recorded(quantized):
     bundle, result = quantized
     record = bundles.read_meta(bundle)["export"]["int8"]
-    assert record == result
+    assert record == {**result, "weights_sha1": bundles.weights_fingerprint(bundle)}
     assert (bundle / "model.int8.onnx").stat().st_size == record["bytes"] < 0.4 * record["onnx_bytes"]
     assert record["calibration"] == {"images": 18, "source": "train split (manifest.csv)"}
     assert record["accuracy_images"] == 9 and 0 <= record["accuracy"] <= 1 and 0 <= record["onnx_accuracy"] <= 1

@@ -15,6 +15,7 @@ import numpy as np
 from rich.table import Table
 
 from ..bundle import WEIGHTS_FILE, read_meta
+from ..errors import UserError
 from ..predict import Predictor, available_cores
 from . import ONNX_FILES
 
@@ -22,6 +23,8 @@ from . import ONNX_FILES
 def benchmark(bundles: list[str | Path], *, runs: int = 50, warmup: int = 10, batch_size: int = 32,
               backends: list[str] | None = None) -> list[dict]:
     """One row per (bundle, backend present in it): size, accuracy, latency p50/p95, throughput."""
+    if runs < 1 or batch_size < 1:
+        raise UserError(f"runs and batch_size must be at least 1 (got {runs} and {batch_size}).")
     rows = []
     for bundle in map(Path, bundles):
         meta = read_meta(bundle)

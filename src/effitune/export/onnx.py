@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..bundle import read_meta, update_meta
+from ..bundle import read_meta, update_meta, weights_fingerprint
 from ..data.images import load_for_model
 from ..data.split import manifest_hash, read_manifest
 from ..errors import UserError
@@ -99,7 +99,10 @@ def export_onnx(bundle: str | Path, *, int8: bool = False, fp16: bool = False,
 
 
 def record_export(bundle: Path, **sections: dict) -> dict:
-    """Merge sections into effitune.json's `export` (other formats already recorded stay)."""
+    """Merge sections into effitune.json's `export` (other formats already recorded stay), each with the
+    fingerprint of the weights it was made from (`Predictor` refuses a file copied from another bundle)."""
+    fingerprint = weights_fingerprint(bundle)
+    sections = {name: {**section, "weights_sha1": fingerprint} for name, section in sections.items()}
     exported = {**read_meta(bundle).get("export", {}), **sections}
     return update_meta(bundle, export=exported)
 
