@@ -89,3 +89,9 @@ def test_the_python_api_takes_a_dict_or_a_yaml_path_as_config(tmp_path):
         as_config({"train": {"bach_size": 32}})
     with pytest.raises(ConfigError, match="got list"):
         as_config([("train.batch_size", 32)])
+
+
+def test_precision_is_checked_with_the_other_keys():
+    assert load_config(overrides={"train.precision": "bf16-mixed"}).train.precision == "bf16-mixed"
+    with pytest.raises(ConfigError, match="train.precision '9' must be one of auto, 32-true"):
+        load_config(overrides={"train.precision": "9"})

@@ -22,6 +22,10 @@ class ConfigError(ValueError):
     """A user mistake in a config file or flag; the message names the key and the fix."""
 
 
+# Lightning's precision names (its own list lives in lightning.fabric; config stays import-light)
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "64", "16", "bf16")
+
+
 @dataclass
 class DataConfig:
     val: float = 0.15  # fraction of each class held out for model selection
@@ -67,7 +71,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     feature_cache: bool = True  # train on cached frozen-prefix activations (exact for frozen layers)
     cache_views: int = 4  # views of each training image cached for the frozen prefix (1 plain + augmented)
-    precision: str = "auto"  # auto (bf16-mixed on GPU, 32 on CPU) or any Lightning precision
+    precision: str = "auto"  # auto (bf16-mixed on GPU, 32 on CPU) or one of PRECISIONS (Lightning's names)
     accelerator: str = "auto"
     devices: str = "auto"  # processes per machine: auto (every GPU, else 1) | N | GPU indices "0,1"
     # Machines; None = as many as the launcher (torchrun, SLURM's srun) started, else 1.
@@ -191,6 +195,9 @@ def validate(config: Config) -> None:
     if not {n.strip().lower() for n in str(t.logger).split(",")} <= set(LOGGERS):
         raise ConfigError(f"train.logger '{t.logger}' must be csv, tensorboard or mlflow (or several, comma-joined).")
     _check_distribution(t)
+    if str(t.precision) not in PRECISIONS:
+        raise ConfigError(f"train.precision '{t.precision}' must be one of {', '.join(PRECISIONS)} (Lightning's "
+                          "names; auto: bf16-mixed on a GPU, 32-true on a CPU).")
     if config.unknown.score not in ("auto", "msp", "energy", "knn", "mahalanobis", "knn-frozen"):
         raise ConfigError(f"unknown.score '{config.unknown.score}' must be auto, msp, energy, knn, mahalanobis or "
                           "knn-frozen.")

@@ -47,3 +47,14 @@ def test_unknown_or_missing_logger_is_a_clear_error():
             make_loggers("mlflow", ".", "stage1")
     else:
         assert isinstance(make_loggers("mlflow", ".", "stage1")[0], loggers.MLFlowLogger)
+
+
+def test_a_missing_logger_package_stops_train_before_any_work(tiny_dataset_module, tmp_path, monkeypatch):
+    from effitune.training.run import train
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(UserError, match="needs the 'mlflow' package"):
+        train(tiny_dataset_module, out=tmp_path / "run", config=load_config(overrides={"train.logger": "csv,mlflow"}),
+              progress=False)
+    assert not (tmp_path / "run").exists()  # refused before the scan

@@ -23,6 +23,12 @@ def logger_names(spec: str) -> list[str]:
     return names
 
 
+def require_loggers(spec: str) -> None:
+    """Every package the chosen loggers need, checked before a run starts (not after its caches)."""
+    for name in logger_names(spec):
+        _require(name)
+
+
 def make_loggers(spec: str, root: Path, phase: str) -> list:
     """Lightning loggers for one phase; all write under `root` (the run folder)."""
     from lightning.pytorch import loggers

@@ -41,7 +41,7 @@ from ..models.backbones import create_backbone, feature_dim
 from ..models.network import Network
 from .callbacks import HistoryWriter, SetEpoch
 from .features import POOLED, boundary_name, compute_activations
-from .loggers import make_loggers
+from .loggers import make_loggers, require_loggers
 from .module import Optimization, PhaseModule
 from .stages import Phase, resolve_depths
 
@@ -108,6 +108,7 @@ def train(data: str | Path | None = None, *, out: str | Path = "runs/run", confi
     arguments = dict(locals())  # every parameter, for the processes `distributed.launch` starts
     started = time.perf_counter()
     _check_unknown_dir(unknown_dir)
+    require_loggers((config or Config()).train.logger if resume is None else _saved_config(resume).train.logger)
     _quiet_lightning()
     plan = _plan(_saved_config(resume) if resume is not None else config or Config())
     if plan.launch == "self":
