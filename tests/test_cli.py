@@ -139,6 +139,9 @@ def test_evaluate_a_folder_honours_its_splits_and_warns_about_training_images(tr
     assert whole.exit_code == 0 and metrics["trained_on"] > 0
     assert f"warning: {metrics['trained_on']} of the {metrics['n']} images" in " ".join(whole.stderr.split())
     assert "UserWarning" not in whole.stderr  # one CLI line, not Python's warning format
+    shutil.copytree(tiny_dataset_module, tmp_path / "copied")  # the same images elsewhere: found by content
+    copied = json.loads(runner.invoke(app, ["evaluate", bundle, str(tmp_path / "copied"), "--json"]).stdout)
+    assert copied["trained_on"] == metrics["trained_on"]
     refused = runner.invoke(app, ["evaluate", bundle, str(tiny_dataset_module), "--split", "test"])
     assert refused.exit_code == 2 and "is not split" in refused.output
     split = tmp_path / "split"

@@ -16,6 +16,11 @@ from .metrics import classification_metrics
 def labelled_paths(data: str | Path, split: str | None = None) -> list[tuple[str, str]]:
     """(path, label) of labelled images: a manifest's or split CSV's `split` (default test), a split
     folder's (train/ val/ test/, default test), or all of a plain folder or CSV (`split` must be None)."""
+    return [(row["path"], row["label"]) for row in labelled_rows(data, split)]
+
+
+def labelled_rows(data: str | Path, split: str | None = None) -> list[dict]:
+    """`labelled_paths` as rows (path, label, sha1 where known)."""
     data = Path(data)
     if data.suffix == ".csv" and data.is_file():
         with open(data, encoding="utf-8", errors="surrogateescape") as stream:
@@ -24,7 +29,7 @@ def labelled_paths(data: str | Path, split: str | None = None) -> list[tuple[str
             rows = [r for r in read_manifest(data) if r["split"] == (split or "test")]
             if not rows:
                 raise UserError(f"{data} has no rows in split '{split or 'test'}'. Use --split train|val|test.")
-            return [(r["path"], r["label"]) for r in rows]
+            return rows
     from ..data.scan import load_ok_records, scan
 
     records = load_ok_records(scan(data, progress=False, min_classes=1).records_path)
@@ -32,21 +37,24 @@ def labelled_paths(data: str | Path, split: str | None = None) -> list[tuple[str
         if split is not None:
             raise UserError(f"{data} is not split (no train/ val/ test/ folders, no split column): it is "
                             f"evaluated whole. Leave out --split {split}, or pass the run's manifest.csv.")
-        return [(r["path"], r["label"]) for r in records]
-    chosen = [(r["path"], r["label"]) for r in records if r.get("split") == (split or "test")]
+        return records
+    chosen = [r for r in records if r.get("split") == (split or "test")]
     if not chosen:
         raise UserError(f"{data} has no images in its '{split or 'test'}' split. Use --split train|val|test.")
     return chosen
 
 
-def trained_on(bundle: str | Path, paths: list[str]) -> int:
-    """How many of `paths` are train or val images of the run that made `bundle` (its manifest.csv,
-    when the bundle still sits in its run folder): evaluating on them flatters the model."""
+def trained_on(bundle: str | Path, rows: list[dict]) -> int:
+    """How many of `rows` are train or val images of the run that made `bundle` (its manifest.csv, when
+    the bundle still sits in its run folder), by path or by content (a copied or moved image counts):
+    evaluating on them flatters the model."""
     manifest = Path(bundle).parent / "manifest.csv"
     if not manifest.is_file():
         return 0
-    seen = {os.path.realpath(r["path"]) for r in read_manifest(manifest) if r["split"] in ("train", "val")}
-    return sum(os.path.realpath(path) in seen for path in paths)
+    seen = [r for r in read_manifest(manifest) if r["split"] in ("train", "val")]
+    paths = {os.path.realpath(r["path"]) for r in seen}
+    contents = {r["sha1"] for r in seen if r.get("sha1")}
+    return sum(os.path.realpath(r["path"]) in paths or r.get("sha1") in contents for r in rows)
 
 
 def evaluate_bundle(bundle: str | Path, data: str | Path, split: str | None = None,
@@ -54,8 +62,9 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, split: str | None = No
     """Metrics of `bundle` on labelled images (`labelled_paths`); `trained_on`: how many of them the
     model was trained or validated on (a warning says so when any)."""
     predictor = predictor or Predictor(bundle)
-    pairs = labelled_paths(data, split)
-    seen = trained_on(bundle, [path for path, _ in pairs])
+    rows = labelled_rows(data, split)
+    pairs = [(row["path"], row["label"]) for row in rows]
+    seen = trained_on(bundle, rows)
     if seen:
         warnings.warn(f"{seen} of the {len(pairs)} images in {data} trained or validated this model (they are in "
                       f"the train/val split of {Path(bundle).parent / 'manifest.csv'}): the accuracy is optimistic. "
