@@ -236,6 +236,17 @@ def test_csv_input_with_relative_and_absolute_paths(tmp_path):
     assert paths == {str(p) for group in written.values() for p in group}
 
 
+def test_csv_rows_that_repeat_a_file_are_read_once_and_said(tmp_path):
+    written = make_image_tree(tmp_path / "images", {"cat": 3, "dog": 3})
+    rows = ["path,label"] + [f"{p},{label}" for label, group in written.items() for p in group]
+    rows += [f"images/cat/{written['cat'][0].name},cat", f"{written['cat'][1]},dog"]  # same file, twice; other label
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    result = scan(tmp_path / "labels.csv", out=tmp_path / "out", workers=1, progress=False)
+    assert result.per_class == {"cat": 3, "dog": 3} and result.counts["skipped_repeated_rows"] == 2
+    [notice] = [n for n in result.notices if "already listed" in n]
+    assert "2 row(s) list a file already listed" in notice and "with label 'dog', kept as 'cat'" in notice
+
+
 def test_csv_split_column(tmp_path):
     written = make_image_tree(tmp_path, {"a": 2, "b": 2})
     lines = ["Path,Label,Split"] + [f"{p},{label},{split}" for label, ps in written.items()

@@ -235,6 +235,8 @@ class _Walker:
 
     def csv_tasks(self, csv_path: Path) -> Iterator[Task]:
         base = csv_path.parent
+        first: dict[str, tuple[int, str]] = {}  # location -> (line, label): a repeated row is read once
+        repeats: list[str] = []
         with _open_csv(csv_path) as reader:
             for row in reader:
                 path, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
@@ -246,7 +248,17 @@ class _Walker:
                     raise UserError(f"{csv_path}, line {reader.line_num}: split {split!r} must be one of "
                                     "train, val, test (or leave the column empty).")
                 location = path if is_url(path) else os.path.abspath(base / path)  # URLs: read via fsspec
+                if location in first:
+                    line, kept = first[location]
+                    other = f" with label {printable(label)!r}, kept as {printable(kept)!r}" if label != kept else ""
+                    repeats.append(f"line {reader.line_num} repeats line {line}'s {printable(path)}{other}")
+                    continue
+                first[location] = (reader.line_num, label)
                 yield location, label, SPLIT_FOLDERS.get(split or "")
+        if repeats:
+            self.skipped["skipped_repeated_rows"] += len(repeats)
+            self.warnings.append(f"{csv_path}: {len(repeats)} row(s) list a file already listed and are left out "
+                                 f"(each file is read once), e.g. {'; '.join(repeats[:3])}.")
 
     def _warn(self, counter: str, message: str) -> None:
         self.skipped[counter] += 1
@@ -536,7 +548,7 @@ def _result(records_path: Path, root: Path, layout: str, labels: list[str], tall
     all_labels = sorted(set(labels) | set(tally.per_class) | set(tally.rejected_per_class))
     counts = {"ok": tally.status["ok"], "rejected": tally.status["rejected"]}
     for key in ("skipped_hidden", "skipped_non_image", "skipped_unlabelled", "skipped_repeated_dirs",
-                "unreadable_dirs"):
+                "skipped_repeated_rows", "unreadable_dirs"):
         counts[key] = walker.skipped[key]
     return ScanResult(
         records_path=records_path, root=root, layout=layout, counts=counts,
