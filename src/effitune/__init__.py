@@ -4,7 +4,8 @@ Public API (the CLI is a thin layer over it)::
 
     import effitune
     result = effitune.scan("photos/")                 # audit-ready records
-    report = effitune.audit(result.records_path)
+    report = effitune.audit(result.records_path)     # or effitune.audit("photos/")
+    rows, notices = effitune.split("photos/", out="work/")  # manifest.csv, duplicate-aware
     run = effitune.train("photos/", out="runs/first")  # two-stage transfer learning -> bundle
     predictor = effitune.load(run.bundle)
     predictor.predict(["new.jpg"])
@@ -23,7 +24,7 @@ from .errors import UserError
 
 # name -> (module, attribute). Lazy: `import effitune` stays fast; torch and friends load on first use.
 _LAZY = {
-    "scan": (".data.scan", "scan"), "audit": (".data.audit", "audit"), "split": (".data.split", "split_records"),
+    "scan": (".data.scan", "scan"), "audit": (".data.audit", "audit"), "split": (".data.split", "split"),
     "train": (".training.run", "train"), "evaluate_bundle": (".evaluate.evaluate", "evaluate_bundle"),
     "predict_to_file": (".batch_predict", "predict_to_file"), "tune": (".tune", "tune"),
     "list_runs": (".runs", "list_runs"), "load": (".predict", "load"), "Predictor": (".predict", "Predictor"),

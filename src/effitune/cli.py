@@ -140,20 +140,14 @@ def split(data: Path = typer.Argument(..., help="Data folder / CSV."),
           test: float = typer.Option(0.15, help="Test fraction."),
           seed: int = typer.Option(0, help="Same data + seed -> identical manifest.")):
     """Stratified, seeded, duplicate-aware train/val/test split -> manifest.csv."""
-    from .data.audit import duplicate_groups, label_conflict_notice
-    from .data.scan import load_ok_records, scan as run_scan
-    from .data.split import split_counts, split_records, write_manifest
+    from .data.split import split as split_data, split_counts
 
     config = load_config(overrides={"data.val": val, "data.test": test, "data.seed": seed})
-    result = run_scan(data, out=out, config=config.data)
-    _print_notices(result)
-    records = load_ok_records(result.records_path)
-    groups = duplicate_groups(records, config.data.near_duplicate_distance)
-    conflict = label_conflict_notice(records, groups, data)
-    if conflict:
-        err.print(f"[yellow]warning:[/] {escape(conflict)}", highlight=False, soft_wrap=True)
-    rows = split_records(records, val=val, test=test, seed=seed, groups=groups)
-    path = write_manifest(rows, out / "manifest.csv")
+    rows, notices = split_data(data, out=out, val=val, test=test, seed=seed,
+                               near_duplicate_distance=config.data.near_duplicate_distance)
+    for notice in notices:
+        err.print(f"[yellow]warning:[/] {escape(notice)}", highlight=False, soft_wrap=True)
+    path = out / "manifest.csv"
     table = Table("split", "images", "classes")
     for part, counts in split_counts(rows).items():
         table.add_row(part, str(sum(counts.values())), str(len(counts)))

@@ -128,3 +128,14 @@ def test_existing_layout_checks_classes_and_keeps_duplicates_together_when_carvi
     tested = [{**r, "split": "test", "path": r["path"] + ".copy"} for r in recs]
     with pytest.raises(UserError, match="No validation images can be carved"):
         split_records(recs + tested, val=0.15, groups=[[i, i + 40] for i in range(40)])
+
+
+def test_the_python_api_splits_and_audits_a_data_folder(tmp_path):
+    import effitune
+    from conftest import make_image_tree
+
+    make_image_tree(tmp_path / "data", {"cat": 10, "dog": 10})
+    rows, notices = effitune.split(tmp_path / "data", out=tmp_path / "work")
+    assert len(rows) == 20 and {r["split"] for r in rows} == {"train", "val", "test"} and notices == []
+    assert (tmp_path / "work" / "manifest.csv").is_file()
+    assert effitune.audit(str(tmp_path / "data")).class_counts == {"cat": 10, "dog": 10}

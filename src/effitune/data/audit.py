@@ -286,7 +286,8 @@ def _paths_table(title: str, columns: list[str], rows: list[list[str]]) -> Table
 # ----------------------------------------------------------------------------------------- audit
 def audit(records: str | Path | ScanResult | Iterable[dict], *, manifest: str | Path | Iterable[dict] | None = None,
           config: DataConfig | None = None) -> AuditReport:
-    """Audit scan records (a records.jsonl path, a ScanResult or the dicts themselves).
+    """Audit scan records (a records.jsonl path, a ScanResult or the dicts themselves), or a data folder
+    or CSV (scanned first).
 
     `manifest` (rows or a manifest.csv) supplies each file's split for the leakage check; without
     it the records' own `split` (an existing train/val/test layout) is used.
@@ -321,8 +322,13 @@ def _load(records: str | Path | ScanResult | Iterable[dict]) -> list[dict]:
     if isinstance(records, ScanResult):
         records = records.records_path
     if isinstance(records, (str, Path)):
+        if Path(records).is_dir() or Path(records).suffix.lower() == ".csv":  # a data folder or CSV: scan it first
+            from .scan import scan
+
+            records = scan(records, progress=False).records_path
         if not Path(records).is_file():
-            raise UserError(f"Scan records {records} do not exist. Create them with `effitune scan DATA --out DIR`.")
+            raise UserError(f"Scan records {records} do not exist. Create them with `effitune scan DATA --out DIR`, "
+                            "or pass the data folder.")
         return list(iter_records(records))
     return list(records)
 

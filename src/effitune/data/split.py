@@ -29,6 +29,24 @@ def min_images_per_class(val: float, test: float) -> int:
     return max(needed, math.ceil(1 / min(fractions)) if fractions else 1)
 
 
+def split(data: str | Path, *, out: str | Path | None = None, val: float = 0.15, test: float = 0.15,
+          seed: int = 0, near_duplicate_distance: int = 4) -> tuple[list[dict], list[str]]:
+    """`effitune split` from Python: scan DATA (a folder or CSV), split it duplicate-aware and return
+    (manifest rows, notices to show: class folders left out, look-alike images across classes).
+    With `out`, records.jsonl and manifest.csv are written there."""
+    from .audit import duplicate_groups, label_conflict_notice
+    from .scan import load_ok_records, scan
+
+    result = scan(data, out=out, progress=False)
+    records = load_ok_records(result.records_path)
+    groups = duplicate_groups(records, near_duplicate_distance)
+    rows = split_records(records, val=val, test=test, seed=seed, groups=groups)
+    if out is not None:
+        write_manifest(rows, Path(out) / "manifest.csv")
+    conflict = label_conflict_notice(records, groups, data)
+    return rows, result.notices + ([conflict] if conflict else [])
+
+
 def split_records(records: list[dict], *, val: float = 0.15, test: float = 0.15, seed: int = 0,
                   groups: Iterable[Iterable[int]] | None = None) -> list[dict]:
     """Return manifest rows (one per ok record) with a `split` column.
