@@ -61,6 +61,17 @@ def test_export_int8_without_calibration_images_writes_nothing(exported_run, tmp
     with pytest.raises(UserError, match="--calibration DIR"):
         export_onnx(lone, int8=True, samples=exported_run.parent / "data")
     assert not list(lone.glob("*.onnx"))
+    with pytest.raises(UserError, match="--calibration .*nowhere does not exist"):
+        export_onnx(lone, int8=True, calibration=tmp_path / "nowhere")
+    assert not list(lone.glob("*.onnx"))
+
+
+def test_int8_calibrated_on_few_images_says_so(exported_run, tmp_path):
+    lone = tmp_path / "lone"
+    shutil.copytree(exported_run, lone, ignore=shutil.ignore_patterns("model.int8.onnx"))
+    with pytest.warns(UserWarning, match="calibrated on 2 image\\(s\\) only"):
+        result = quantize_int8(lone, exported_run.parent / "data" / "red", images=2)
+    assert result["calibration"]["images"] == 2 and (lone / "model.int8.onnx").is_file()
 
 
 def test_int8_disagreeing_with_fp32_is_flagged(exported_run, tmp_path, monkeypatch):

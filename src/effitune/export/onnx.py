@@ -80,6 +80,9 @@ def export_onnx(bundle: str | Path, *, int8: bool = False, fp16: bool = False,
     if int8 and calibration is None and manifest_images(bundle, meta, "train", 16) is None:
         from .quantize import no_calibration
         raise no_calibration(bundle)  # before anything is written
+    if int8 and calibration is not None and not _exists(calibration):
+        raise UserError(f"--calibration {calibration} does not exist. Pass a folder (or files) of typical training "
+                        "images.")
     network = load_network(bundle, meta)
     images, described = parity_images(bundle, meta, samples)
     model, exporter = to_onnx(network, int(meta["preprocessing"]["size"]))  # before TorchEngine: NCHW layout
@@ -96,6 +99,14 @@ def export_onnx(bundle: str | Path, *, int8: bool = False, fp16: bool = False,
         from .quantize import quantize_int8
         results["int8"] = quantize_int8(bundle, calibration)
     return results
+
+
+def _exists(sources) -> bool:
+    """A calibration folder, file or glob pattern that names something."""
+    import glob
+
+    return any(Path(source).exists() or glob.glob(str(source)) for source in
+               ([sources] if isinstance(sources, (str, Path)) else sources))
 
 
 def record_export(bundle: Path, **sections: dict) -> dict:

@@ -29,6 +29,7 @@ from . import ONNX_FILES
 from .onnx import INPUT, as_images, manifest_images, record_export
 
 CALIBRATION_IMAGES = 200
+FEW_CALIBRATION_IMAGES = 32  # fewer: the INT8 file is written, with a warning
 ACCURACY_IMAGES = 2000  # a test-split sample; enough to see a 1-point drop, small enough to stay quick
 WARN_DROP_POINTS = 1.0
 WARN_AGREEMENT = 0.97  # top-1 agreement with fp32 below which INT8 is flagged (the only check without labels)
@@ -69,6 +70,11 @@ def quantize_int8(bundle: str | Path, calibration: str | Path | None = None, *, 
         result["warning"] = (f"INT8 picks another class than fp32 ONNX for {1 - accuracy['top1_agreement']:.1%} of "
                              f"the {accuracy['agreement_images']}; prefer model.onnx where accuracy matters, or "
                              "calibrate on more (and more typical) training images with --calibration")
+    if len(calibration_set) < FEW_CALIBRATION_IMAGES:
+        few = (f"INT8 was calibrated on {len(calibration_set)} image(s) only: its value ranges may not fit other "
+               f"images (and agreement measured on them says little); pass a folder of {CALIBRATION_IMAGES} or so "
+               "typical training images with --calibration")
+        result["warning"] = f"{result['warning']}. {few}" if "warning" in result else few
     if "warning" in result:
         warnings.warn(result["warning"], stacklevel=2)
     store_int8_thresholds(bundle, record_export(bundle, int8=result), thresholds)
