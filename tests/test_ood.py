@@ -177,6 +177,8 @@ def test_drift_report_on_arrays(detector):
     assert shifted["verdict"] == "strong" and shifted["unknown_share"] > 0.9
     # the message says which test found it and quotes each test's own p-value
     assert held_out["message"].startswith("No drift detected: feature shift MMD^2")
+    few = drift.drift_report(found, classes, *clusters(5, seed=6)[:2])
+    assert few["verdict"] == "too few images to tell" and few["message"].startswith("Too few images to tell")
     assert shifted["message"].startswith("Strong drift: the features moved and more images look unknown.")
     assert f"(p = {shifted['p_value']:.3f})" in shifted["message"]
     assert f"(p = {shifted['unknown_p_value']:.3f})" in shifted["message"]

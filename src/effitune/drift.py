@@ -25,6 +25,7 @@ PERMUTATIONS = 500
 ALPHA = 0.01  # significance level of the permutation test
 STRONG_MMD2 = 0.1  # MMD^2 (median-heuristic RBF) from which a significant shift is called strong
 STRONG_UNKNOWN_SHARE = 0.3  # ... or when this share of the new images is flagged unknown
+FEW_IMAGES = 30  # below this, no significant shift means "too few images to tell", not "no drift"
 
 
 def mmd_permutation_test(x: np.ndarray, y: np.ndarray, permutations: int = PERMUTATIONS,
@@ -76,6 +77,8 @@ def drift_report(detector: UnknownDetector, classes: list[str], logits: np.ndarr
     predicted = np.bincount(logits.argmax(1), minlength=len(classes)) / len(logits)
     reference_share = np.bincount(detector.reference_predicted, minlength=len(classes)) / len(detector.reference)
     verdict = _verdict(score, min(p_value, unknown_p), unknown_share)
+    if verdict == "no drift detected" and len(logits) < FEW_IMAGES:
+        verdict = "too few images to tell"
     moved = int(np.argmax(np.abs(predicted - reference_share)))
     class_note = f"largest class change: {classes[moved]} {reference_share[moved]:.0%} -> {predicted[moved]:.0%}"
     return {
@@ -107,6 +110,9 @@ def _message(verdict: str, score: float, p_value: float, unknown_share: float, e
                f"validation images (p = {unknown_p:.3f})")
     if verdict == "no drift detected":
         return f"No drift detected: {features}; {flagged}."
+    if verdict == "too few images to tell":
+        return (f"Too few images to tell: nothing significant, but fewer than {FEW_IMAGES} new images cannot show a "
+                f"moderate drift. {features}; {flagged}.")
     because = " and ".join(name for name, p in (("the features moved", p_value), ("more images look unknown",
                                                                                   unknown_p)) if p < ALPHA)
     advice = ("the model is seeing a different kind of image: check the source, label a sample and re-train"
