@@ -258,3 +258,10 @@ def test_split_warns_when_the_same_image_sits_in_two_classes(tmp_path):
     output = " ".join(result.output.split())
     assert result.exit_code == 0 and "1 group of look-alike images spans several classes" in output
     assert "stolen.png (dog)" in output and f"effitune audit {tmp_path / 'data'}" in output
+
+
+def test_error_messages_keep_their_square_brackets(tmp_path):
+    """Rich reads [words] as markup: an error naming `effitune[weights]` or a folder `photos [2020]` kept its text
+    only once escaped."""
+    result = runner.invoke(app, ["predict", str(tmp_path / "photos [2020]"), "x.png"])
+    assert result.exit_code == 2 and "photos [2020] does not exist" in result.output

@@ -35,7 +35,7 @@ def user_errors(command):
                 warnings.showwarning = _show_warning
                 return command(*args, **kwargs)
         except (UserError, ConfigError) as error:
-            err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except BrokenPipeError:  # `effitune predict ... | head`: the reader has gone, nothing to say
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -101,7 +101,7 @@ def scan(data: Path = typer.Argument(..., help="Folder with one subfolder per cl
         print_json(result.to_dict())
     else:
         err.print(result.summary_table())
-        err.print(f"records: {result.records_path}")
+        err.print(f"records: {escape(str(result.records_path))}")
         _print_notices(result)
 
 
@@ -152,7 +152,7 @@ def split(data: Path = typer.Argument(..., help="Data folder / CSV."),
     for part, counts in split_counts(rows).items():
         table.add_row(part, str(sum(counts.values())), str(len(counts)))
     err.print(table)
-    err.print(f"manifest: {path}")
+    err.print(f"manifest: {escape(str(path))}")
 
 
 @app.command()
@@ -354,7 +354,7 @@ def demo(out: Path = typer.Option(Path("demo"), help="Where the images and the r
     from .training.run import train as run_train
 
     images = export_fashion_mnist(out / "fashion-mnist", per_class=per_class, source=source)
-    err.print(f"Fashion-MNIST: {per_class} images per class in {images}")
+    err.print(f"Fashion-MNIST: {per_class} images per class in {escape(str(images))}")
     run_dir = out / "run"
     if (run_dir / "state.json").is_file() and not (run_dir / "model" / "effitune.json").is_file():
         result = run_train(resume=run_dir)
@@ -365,7 +365,7 @@ def demo(out: Path = typer.Option(Path("demo"), help="Where the images and the r
         config = load_config(overrides={"train.stage1.epochs": epochs, "train.stage2.epochs": epochs})
         result = run_train(images, out=run_dir, config=config)
     err.print(f"demo done: test accuracy {result.metrics['accuracy']:.4f}; try "
-              f"`effitune predict {result.bundle} {images}/bag`")
+              f"`effitune predict {escape(str(result.bundle))} {escape(str(images))}/bag`")
 
 
 @app.command()
@@ -394,7 +394,7 @@ def serve(bundle: Path = typer.Argument(..., help="Model bundle folder."),
         raise UserError(f"serving needs the serve extra ({error.name} is missing): "
                         'pip install "effitune[serve]"') from None
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        err.print(f"[yellow]warning:[/] listening on {host} without an API key: anyone who can reach it can use it")
+        err.print(f"[yellow]warning:[/] listening on {escape(host)} without an API key: anyone who can reach it can use it")
     application = create_app(load(bundle, backend=backend), api_key=api_key,
                              max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                              max_images=max_images, timeout_s=timeout, workers=workers,
@@ -449,7 +449,7 @@ def export(bundle: Path = typer.Argument(..., help="Model bundle folder."),
             accuracy = (f"test accuracy {info['onnx_accuracy']:.4f} -> {info['accuracy']:.4f}, "
                         if info.get("accuracy") is not None else "no labelled test split, ")
             check = f"{accuracy}top-1 agreement with fp32 {info['top1_agreement']:.1%} ({info['agreement_images']})"
-        err.print(f"{bundle / info['file']}: {info['bytes'] / 1e6:.1f} MB; {check}", highlight=False)
+        err.print(f"{escape(str(bundle / info['file']))}: {info['bytes'] / 1e6:.1f} MB; {escape(check)}", highlight=False)
         if info.get("warning"):
             err.print(f"[yellow]warning:[/] {escape(info['warning'])}", highlight=False)
 
@@ -470,7 +470,7 @@ def benchmark(bundles: List[Path] = typer.Argument(..., help="Model bundle folde
         print_json(rows)
         return
     err.print(table(rows))
-    err.print(f"plot: {written['plot']}  data: {written['json']}")
+    err.print(escape(f"plot: {written['plot']}  data: {written['json']}"))
 
 
 @app.command()
@@ -488,7 +488,7 @@ def report(bundle: Path = typer.Argument(..., help="Model bundle folder (a run's
     if json_output:
         sys.stdout.write((path.parent / "report.json").read_text())
     else:
-        err.print(f"report: {path}")
+        err.print(f"report: {escape(str(path))}")
 
 
 @app.command("ood-eval")
@@ -553,7 +553,7 @@ def runs(folder: Path = typer.Argument(Path("runs"), help="Folder holding run fo
         print_json(rows)
         return
     if not rows:
-        err.print(f"no runs under {folder}")
+        err.print(f"no runs under {escape(str(folder))}")
         return
     headers = {"run": "run", "status": "status", "backbone": "backbone", "size": "px", "unfreeze": "unfreeze",
                "best_phase": "best phase", "epochs": "epochs", "val_acc": "val acc", "test_acc": "test acc",
@@ -616,8 +616,9 @@ def tune(data: Optional[Path] = typer.Argument(None, help="Data folder / CSV (no
                     "trials": result.trials})
         return
     gained = f" (defaults {result.default_value:.4f})" if result.default_value is not None else ""
-    err.print(f"best validation accuracy {result.best_value:.4f}{gained}; preset: {result.preset}\n"
-              f"train with it: effitune train DATA --config {result.preset}", highlight=False)
+    preset = escape(str(result.preset))
+    err.print(f"best validation accuracy {result.best_value:.4f}{gained}; preset: {preset}\n"
+              f"train with it: effitune train DATA --config {preset}", highlight=False)
 
 
 if __name__ == "__main__":

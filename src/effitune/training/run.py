@@ -127,7 +127,7 @@ def train(data: str | Path | None = None, *, out: str | Path = "runs/run", confi
     cache = ImageCache(cache_root or default_cache_root() / "images", config.data.image_size,
                        max_pixels=config.data.max_pixels)
     console.print(f"[bold]effitune[/] {len(rows)} images, {len(classes)} classes, {config.model.backbone} "
-                  f"@ {config.data.image_size}px, weights: {weight_source}")
+                  f"@ {config.data.image_size}px, weights: {escape(str(weight_source))}")
     keys = _cache_images(cache, rows, config)
     datamodule = ImageDataModule(rows, keys, classes, cache, batch_size=config.train.batch_size,
                                  augment=config.data.augment, balance=config.data.balance,
@@ -269,7 +269,7 @@ def _build_network(config: Config, num_classes: int) -> tuple[Network, str]:
 
 
 def _cache_images(cache: ImageCache, rows: list[dict], config: Config) -> list[str]:
-    console.print(f"resize-once cache: {cache.folder}")
+    console.print(f"resize-once cache: {escape(str(cache.folder))}")
     return cache.build([row["path"] for row in rows], [row["sha1"] for row in rows], workers=config.data.workers,
                        sharded=True)
 
@@ -549,7 +549,7 @@ def _evaluate_and_bundle(network, datamodule, config, paths, classes, weight_sou
     bundles.replace_bundle(staging, paths.model)  # the finished bundle appears in one rename
     tested = f"test accuracy {metrics['accuracy']:.4f}[/] on {len(keys)} held-out images" if len(keys) \
         else "no test images: not tested[/]"
-    console.print(f"[bold green]{tested}; bundle: {paths.model}")
+    console.print(f"[bold green]{tested}; bundle: {escape(str(paths.model))}")
     return metrics, (logits, features)
 
 
