@@ -261,7 +261,7 @@ def test_split_warns_when_the_same_image_sits_in_two_classes(tmp_path):
 
 
 def test_error_messages_keep_their_square_brackets(tmp_path):
-    """Rich reads [words] as markup: an error naming `effitune[weights]` or a folder `photos [2020]` kept its text
+    """Rich reads [words] as markup: an error naming `effitune[weights]` or a folder `photos [old]` kept its text
     only once escaped."""
-    result = runner.invoke(app, ["predict", str(tmp_path / "photos [2020]"), "x.png"])
-    assert result.exit_code == 2 and "photos [2020] does not exist" in result.output
+    result = runner.invoke(app, ["predict", str(tmp_path / "photos [old]"), "x.png"])
+    assert result.exit_code == 2 and "photos [old] does not exist" in result.output
