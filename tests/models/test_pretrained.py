@@ -240,3 +240,15 @@ def test_online_hub_download_and_its_failure(offline, monkeypatch):
     monkeypatch.setattr(timm.models, "load_pretrained", fail)
     with pytest.raises(UserError, match=r"download of timm/efficientnet_b0\.ra_in1k failed: OSError: connection reset"):
         load_pretrained(net, "efficientnet_b0")
+
+
+def test_a_pickled_model_or_a_broken_file_as_weights_is_one_clear_line(tmp_path):
+    from torch import nn
+
+    torch.save(nn.Linear(2, 2), tmp_path / "whole_model.pth")
+    with pytest.raises(UserError, match="holds pickled Python objects .*torch.save\\(model.state_dict\\(\\)"):
+        pretrained.read_state_dict(tmp_path / "whole_model.pth")
+    (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="Could not read weights file .*not a PyTorch checkpoint") as caught:
+        pretrained.read_state_dict(tmp_path / "broken.pth")
+    assert "\x1b[" not in str(caught.value) and "\n" not in str(caught.value)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import pickle
+import re
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -68,13 +70,27 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             loaded = load_file(str(path), device="cpu")
         else:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # not a pickled object torch refused: an unreadable file
+            raise UserError(f"Could not read weights file {path}: it is not a PyTorch checkpoint ({_first_line(err)}). "
+                            "Fix: re-download it; effitune reads .safetensors and plain PyTorch state dicts.") from None
+        raise UserError(
+            f"{path} holds pickled Python objects (a whole model, or code), which effitune does not load: a weights "
+            "file can run code when unpickled. Fix: save its state dict instead, in the environment that made it: "
+            "torch.save(model.state_dict(), 'weights.pth') (or safetensors)."
+        ) from None
     except Exception as err:  # noqa: BLE001 - any reader failure means the same thing to the user
         raise UserError(
-            f"Could not read weights file {path}: {type(err).__name__}: {str(err)[:200]}. "
+            f"Could not read weights file {path}: {type(err).__name__}: {_first_line(err)}. "
             "Fix: re-download it; effitune reads .safetensors and plain PyTorch state dicts "
             "(.pth/.pt/.bin, loaded with weights_only=True)."
         ) from err
     return _unwrap(loaded, path)
+
+
+def _first_line(error: Exception) -> str:
+    """A library's message as one line without terminal colours (torch's has both)."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().split("\n")[0][:200]
 
 
 def _unwrap(loaded: object, path: Path) -> dict[str, torch.Tensor]:
