@@ -265,3 +265,9 @@ def test_error_messages_keep_their_square_brackets(tmp_path):
     only once escaped."""
     result = runner.invoke(app, ["predict", str(tmp_path / "photos [old]"), "x.png"])
     assert result.exit_code == 2 and "photos [old] does not exist" in result.output
+
+
+def test_models_table_keeps_names_whole_at_80_columns():
+    result = runner.invoke(app, ["models"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0 and "tf_efficientnet_lite0" in result.output and "packaged" in result.output
+    assert "True" not in result.output and "None" not in result.output

@@ -95,3 +95,12 @@ def test_precision_is_checked_with_the_other_keys():
     assert load_config(overrides={"train.precision": "bf16-mixed"}).train.precision == "bf16-mixed"
     with pytest.raises(ConfigError, match="train.precision '9' must be one of auto, 32-true"):
         load_config(overrides={"train.precision": "9"})
+
+
+def test_hints_for_a_key_one_level_too_high_and_an_unquoted_yes(tmp_path):
+    with pytest.raises(ConfigError, match="Unknown config key 'train.epochs'. Did you mean 'train.stage1.epochs' or "
+                                          "'train.stage2.epochs'"):
+        load_config(overrides={"train.epochs": 5})
+    (tmp_path / "c.yaml").write_text("data:\n  balance: yes\n")
+    with pytest.raises(ConfigError, match="got True \\(YAML reads yes/no/on/off as true/false"):
+        load_config(tmp_path / "c.yaml")

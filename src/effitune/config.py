@@ -103,7 +103,12 @@ def _merge(target: Any, values: dict[str, Any], where: str) -> None:
     for key, value in values.items():
         if key not in known:
             hint = difflib.get_close_matches(key, known, n=1)
-            suggestion = f" Did you mean '{hint[0]}'?" if hint else f" Known keys: {', '.join(known)}."
+            inside = [f"{name}.{key}" for name, f in known.items()  # train.epochs -> train.stage1.epochs
+                      if dataclasses.is_dataclass(getattr(target, name)) and key in {g.name for g in
+                                                                                      fields(getattr(target, name))}]
+            suggestion = f" Did you mean '{hint[0]}'?" if hint else \
+                f" Did you mean {' or '.join(repr(where + name) for name in inside)}?" if inside else \
+                f" Known keys: {', '.join(known)}."
             raise ConfigError(f"Unknown config key '{where}{key}'.{suggestion}")
         current = getattr(target, key)
         if dataclasses.is_dataclass(current):
@@ -131,7 +136,8 @@ def _typed(value: Any, hint: Any, key: str) -> Any:
     if kind is str and (isinstance(value, (str, os.PathLike)) or number and float(value).is_integer()):
         return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
     expected = {bool: "true or false", int: "a whole number", float: "a number", str: "a word"}[kind]
-    raise ConfigError(f"Config key '{key}' must be {expected}, got {value!r}.")
+    quote = " (YAML reads yes/no/on/off as true/false: put the word in quotes)" if kind is str and boolean else ""
+    raise ConfigError(f"Config key '{key}' must be {expected}, got {value!r}{quote}.")
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:

@@ -103,6 +103,9 @@ def test_leakage_from_a_manifest(tmp_path):
         writer.writeheader()
         writer.writerows(rows)
     assert len(audit(records, manifest=tmp_path / "manifest.csv").across_splits) == 1
+    assert not [w for w in audit(records, manifest=rows).warnings if "manifest given" in w]
+    other = [{**row, "path": row["path"].replace("data", "elsewhere")} for row in rows]
+    assert [w for w in audit(records, manifest=other).warnings if "lists other data" in w]
 
 
 def test_duplicate_groups_are_connected_components():

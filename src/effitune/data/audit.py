@@ -315,6 +315,9 @@ def audit(records: str | Path | ScanResult | Iterable[dict], *, manifest: str | 
         exact_duplicates=exact, near_duplicates=near, near_duplicate_distance=config.near_duplicate_distance,
     )
     report.warnings = _warnings(report)
+    if manifest is not None and ok and not any(record["split"] for record in ok):
+        report.warnings.append("None of these images is in the manifest given: it lists other data (or other "
+                               "paths to it), so leakage across its splits could not be checked.")
     return report
 
 

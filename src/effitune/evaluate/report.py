@@ -485,7 +485,8 @@ def _audit(summary: dict, figures: dict) -> str:
     flagged = [o for o in audit["outliers"] if o["flagged"]]
     parts.append(f'<h3 id="outliers">Outliers ({len(flagged)} beyond the fence {_f(audit["outlier_cutoff"])})</h3>'
                  f'<p class="muted">Mean cosine distance to the {NEIGHBOURS} nearest other images (centred '
-                 'features); the fence is Q3 + 3 IQR.</p>')
+                 'features); the fence is Q3 + 3 IQR. The table lists the most distant images, beyond the fence '
+                 'or not.</p>')
     parts.append(_img(figures, "outliers", "outliers"))
     parts.append(_table(["kNN distance", "label", "path", "beyond fence"],
                         [[_f(o["score"]), o["label"], o["path"], "yes" if o["flagged"] else ""]

@@ -286,6 +286,9 @@ def _train_phases(network: Network, datamodule: ImageDataModule, config: Config,
                   started: float, progress: bool = True, callbacks: tuple = ()) -> list[dict]:
     state = _read_state(paths)
     depths = resolve_depths(config.train.unfreeze, config.train.max_unfreeze, network.num_stages)
+    if str(config.train.unfreeze).isdigit() and int(config.train.unfreeze) > network.num_stages:
+        console.print(f"[yellow]warning:[/] --unfreeze {config.train.unfreeze}: {config.model.backbone} has "
+                      f"{network.num_stages} stages; all of them are trained in stage 2.", highlight=False)
     phases = [Phase(None)] + [Phase(d) for d in depths]
     inputs = _cached_inputs(network, datamodule, config, paths, depths) if config.train.feature_cache else {}
     for phase in phases:
