@@ -91,6 +91,7 @@ def test_newer_format_refused(tmp_path):
     (("preprocessing", "std"), [0.5, 0, 0.5], "'preprocessing.std' should be a list of 3 positive numbers"),
     (("preprocessing", "mean"), None, "'preprocessing.mean' should be a list of 3 numbers"),
     (("temperature",), "1.2", "'temperature' should be a positive number"),
+    (("preprocessing", "size"), float("nan"), "'preprocessing.size' should be the image side"),
     (("unknown",), {"score": "msp", "threshold": "high"}, "'unknown.threshold' should be a number"),
     (("embedding",), {"frozen_depth": 1.5}, "'embedding.frozen_depth' should be a whole number"),
 ])

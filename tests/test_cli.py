@@ -152,6 +152,11 @@ def test_evaluate_a_folder_honours_its_splits_and_warns_about_training_images(tr
     assert test_only["n"] == len(list((Path(tiny_dataset_module) / "red").iterdir()))  # one class: fine
     assert json.loads(runner.invoke(app, ["evaluate", bundle, str(split), "--split", "train", "--json"]).stdout)["n"] \
         == metrics["n"]
+    labelled = [f"{path},{path.parent.name},{'test' if i % 2 else 'train'}"  # a CSV with a split column
+                for i, path in enumerate(sorted(Path(tiny_dataset_module).rglob("*.png")))]
+    (tmp_path / "labels.csv").write_text("path,label,split\n" + "\n".join(labelled) + "\n")
+    from_csv = json.loads(runner.invoke(app, ["evaluate", bundle, str(tmp_path / "labels.csv"), "--json"]).stdout)
+    assert from_csv["n"] == len(labelled) // 2
 
 
 def test_backend_option_reaches_every_command_that_runs_the_model(trained, tiny_dataset_module, monkeypatch):
@@ -271,3 +276,11 @@ def test_models_table_keeps_names_whole_at_80_columns():
     result = runner.invoke(app, ["models"], env={"COLUMNS": "80"})
     assert result.exit_code == 0 and "tf_efficientnet_lite0" in result.output and "packaged" in result.output
     assert "True" not in result.output and "None" not in result.output
+
+
+def test_class_names_with_brackets_survive_the_tables(tmp_path):
+    from conftest import make_image_tree
+
+    make_image_tree(tmp_path / "data", {"cat [old]": 8, "dog": 8})
+    result = runner.invoke(app, ["scan", str(tmp_path / "data"), "--out", str(tmp_path / "out")], env={"COLUMNS": "150"})
+    assert result.exit_code == 0 and "cat [old]" in result.output

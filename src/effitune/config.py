@@ -23,7 +23,8 @@ class ConfigError(ValueError):
 
 
 # Lightning's precision names (its own list lives in lightning.fabric; config stays import-light)
-PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "64", "16", "bf16")
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "64", "16", "bf16",
+              "transformer-engine", "transformer-engine-float16")
 
 
 @dataclass
@@ -83,7 +84,7 @@ class TrainConfig:
 
 @dataclass
 class UnknownConfig:
-    target_tpr: float = 0.95  # share of known validation images that must still be accepted
+    target_tpr: float = 0.95  # share of new known images to accept (a conformal quantile of validation scores)
     score: str = "auto"  # msp | energy | knn | mahalanobis | knn-frozen | auto (best on --unknown-dir, else knn-frozen)
 
 

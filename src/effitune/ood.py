@@ -304,7 +304,7 @@ def threshold_for(scores: np.ndarray, target_tpr: float) -> float:
     if not len(ordered):
         return float("-inf")
     rank = int(np.floor((1 - target_tpr) * (len(ordered) + 1) + 1e-9))  # 1-based; 1e-9: 0.05 * 20 is 0.99999
-    return float(ordered[max(rank, 1) - 1])
+    return float(ordered[min(max(rank, 1), len(ordered)) - 1])
 
 
 def thresholds_for(scores: dict[str, np.ndarray], target_tpr: float) -> dict[str, float]:

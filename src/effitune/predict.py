@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .bundle import read_meta, read_weights, weights_fingerprint
+from .bundle import WEIGHTS_FILE, read_meta, read_weights, weights_fingerprint
 from .data.images import IMAGE_EXTENSIONS, is_url, load_for_model
 from .errors import UserError
 from .export import ONNX_FILES
@@ -198,15 +198,18 @@ class Predictor:
             return TorchEngine(self.network, self.device)
         path = self.folder / ONNX_FILES[self.backend]
         problem, engine = self._stale_export(path), None
+        fix = f"Export it again: `effitune export {self.folder}`"
         if problem is None:
             try:
                 engine = OnnxEngine(path)
+            except ImportError as error:  # onnxruntime is the optional `effitune[export]`
+                problem, fix = f"{path} needs ONNX Runtime ({error.name} is not installed)", \
+                    "Install it: pip install 'effitune[export]'"
             except Exception as error:  # noqa: BLE001 - a damaged or foreign file: said, never a traceback
                 problem = f"{path} cannot be read ({type(error).__name__}: {str(error)[:200]})"
         problem = problem or self._wrong_shape(engine, path)
         if problem is None:
             return engine
-        fix = f"Export it again: `effitune export {self.folder}`"
         if not fallback:
             raise UserError(f"{problem}. {fix}, or use --backend torch.")
         warnings.warn(f"{problem}; running in PyTorch instead. {fix}.", stacklevel=3)
@@ -217,7 +220,8 @@ class Predictor:
         record = self.meta.get("export", {}).get(self.backend)
         if not isinstance(record, dict):
             return f"{path} is not recorded in {self.folder / 'effitune.json'} (copied from another bundle?)"
-        if "weights_sha1" in record and record["weights_sha1"] != weights_fingerprint(self.folder):
+        weights = self.folder / WEIGHTS_FILE  # a bundle shipped with its ONNX file alone: the record is trusted
+        if "weights_sha1" in record and weights.is_file() and record["weights_sha1"] != weights_fingerprint(weights):
             return f"{path} was exported from other weights than this bundle's (another bundle's, or from before " \
                    "a re-train)"
         return None

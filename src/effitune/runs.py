@@ -36,9 +36,10 @@ def find_runs(root: str | Path) -> list[Path]:
         folder = Path(current)
         if is_run(folder):
             found.append(folder)
-            dirs[:] = []
+        if is_run(folder) and ((folder / "state.json").is_file() or (folder / "metrics.json").is_file()):
+            dirs[:] = []  # a run's own subfolders hold no runs (a config + split alone may be a work folder)
         else:
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in ("features", "phases"))
     return sorted(found)
 
 

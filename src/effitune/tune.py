@@ -126,7 +126,7 @@ def _refuse_other_data(folder: Path, data, manifest) -> None:
 
     stored = folder / "manifest.csv"
     if manifest is not None and Path(manifest).resolve() != stored.resolve():
-        same = Path(manifest).is_file() and Path(manifest).read_bytes() == stored.read_bytes()
+        same = _split_of(read_manifest(manifest)) == _split_of(read_manifest(stored))  # any row order or line ends
     elif data is not None and Path(data).is_dir():
         root = Path(data).resolve()
         same = all(Path(row["path"]).resolve().is_relative_to(root) for row in read_manifest(stored)[:50])
@@ -135,6 +135,10 @@ def _refuse_other_data(folder: Path, data, manifest) -> None:
     if not same:
         raise UserError(f"{folder} holds a study of other images (its split: {stored}). Continue it with the "
                         "same DATA (or none), or pass a new --out folder for this data.")
+
+
+def _split_of(rows: list[dict]) -> list[tuple[str, str, str]]:
+    return sorted((row["path"], row["label"], row["split"]) for row in rows)
 
 
 def _load_study(folder: Path, seed: int):

@@ -287,6 +287,10 @@ def test_class_folders_holding_the_same_sub_folders_are_pointed_out(tmp_path):
     assert any("'holdout', 'train' hold sub-folders of the same names ('cat', 'dog')" in n for n in result.notices)
     plain = scan(tmp_path / "data" / "train", out=tmp_path / "out2", workers=1, progress=False)
     assert not plain.notices
+    for animal in ("cat", "dog"):  # photos filed by year: a nested layout, not splits
+        make_image_tree(tmp_path / "years" / animal / "2019", {"a": 1}, seed=3)
+    nested = scan(tmp_path / "years", out=tmp_path / "out3", workers=1, progress=False)
+    assert not [n for n in nested.notices if "sub-folders of the same names" in n]
 
 
 def user_error(tmp_path, data, **kwargs) -> str:

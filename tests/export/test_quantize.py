@@ -121,3 +121,10 @@ def test_int8_thresholds_follow_the_graph_and_the_statistics(exported_run, tmp_p
         quantize_int8(lone, exported_run.parent / "data" / "red", images=8)
     assert "int8" not in bundles.read_meta(lone)["unknown"].get("backend_thresholds", {})  # not the old graph's
     assert Predictor(lone, backend="int8").unknown.section["threshold"] == section["threshold"]
+
+
+def test_calibration_given_as_an_array_or_a_url_is_not_taken_for_a_missing_path():
+    from effitune.export import onnx as onnx_export
+
+    assert onnx_export._exists(np.zeros((2, 8, 8, 3), np.uint8)) and onnx_export._exists("s3://bucket/calibration/")
+    assert not onnx_export._exists("/nowhere/at/all")

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 from rich.console import Group
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -241,7 +242,7 @@ class AuditReport:
         for label, count in self.class_counts.items():
             size = self.resolution[label]
             width, height = size["width"], size["height"]
-            table.add_row(printable(label), str(count), f"{width['median']:g}x{height['median']:g}",
+            table.add_row(escape(printable(label)), str(count), f"{width['median']:g}x{height['median']:g}",
                           f"{width['min']:g}x{height['min']:g}", f"{width['max']:g}x{height['max']:g}")
         return table
 
@@ -277,7 +278,7 @@ def _paths_table(title: str, columns: list[str], rows: list[list[str]]) -> Table
     for name in columns:
         table.add_column(name)
     for row in rows[:_SHOWN]:
-        table.add_row(*(printable(cell) for cell in row))
+        table.add_row(*(escape(printable(cell)) for cell in row))
     if len(rows) > _SHOWN:
         table.caption = f"... and {len(rows) - _SHOWN} more (all of them in --json)"
     return table

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 import imagehash
 from PIL import Image, ImageFile, ImageStat, UnidentifiedImageError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -394,13 +395,13 @@ class ScanResult:
         return values
 
     def summary_table(self) -> Table:
-        table = Table(title=f"Scan of {printable(str(self.root))}", min_width=72, caption_justify="left")
+        table = Table(title=escape(f"Scan of {printable(str(self.root))}"), min_width=72, caption_justify="left")
         table.add_column("class")
         table.add_column("ok", justify="right")
         table.add_column("rejected", justify="right")
         for label, count in self.per_class.items():
             style = "yellow" if count == 0 else None
-            table.add_row(printable(label), str(count), str(self.rejected_per_class.get(label, 0)), style=style)
+            table.add_row(escape(printable(label)), str(count), str(self.rejected_per_class.get(label, 0)), style=style)
         table.add_section()
         table.add_row("total", str(self.counts["ok"]), str(self.counts["rejected"]), style="bold")
         parts = [_listing("rejected", self.reasons),
@@ -563,25 +564,27 @@ def _result(records_path: Path, root: Path, layout: str, labels: list[str], tall
 
 
 def _split_like_folders(root: Path) -> list[str]:
-    """Class folders that hold sub-folders of the same names look like splits under other names
-    (train/, holdout/): said, since each is trained as one class."""
-    inner: dict[str, set[str]] = {}
+    """A few class folders (2-4) holding mostly the same sub-folders look like splits under other names
+    (train/, holdout/): said, since each is trained as one class. Many classes are never splits: not looked at."""
     with os.scandir(root) as entries:
-        tops = sorted(entries, key=lambda entry: entry.name)
-    for top in tops:
-        if _is_dir(top) and not top.name.startswith("."):
-            try:
-                with os.scandir(top.path) as entries:
-                    inner[top.name] = {e.name for e in entries if _is_dir(e) and not e.name.startswith(".")}
-            except OSError:
-                continue
-    shared = [name for name in inner if any(inner[name] & inner[other] for other in inner if other != name)]
-    if len(shared) < 2:
+        tops = sorted((e for e in entries if _is_dir(e) and not e.name.startswith(".")), key=lambda e: e.name)
+    if not 2 <= len(tops) <= 4:
         return []
-    common = sorted(set.union(*(inner[name] for name in shared)))
-    return [f"folders {', '.join(repr(printable(name)) for name in shared[:4])} hold sub-folders of the same names "
-            f"({', '.join(repr(printable(name)) for name in common[:4])}{', ...' if len(common) > 4 else ''}) and are "
-            f"read as {len(shared)} classes; if they are splits, name them train/, val/ and test/."]
+    inner: dict[str, set[str]] = {}
+    for top in tops:
+        try:
+            with os.scandir(top.path) as entries:
+                inner[top.name] = {e.name for e in entries if _is_dir(e) and not e.name.startswith(".")}
+        except OSError:
+            return []
+    shared = set.intersection(*inner.values())
+    if len(shared) < 2 or any(len(shared) < len(names) / 2 for names in inner.values()):
+        return []  # e.g. cat/2019 and dog/2019: a nested layout, not splits
+    names = ", ".join(repr(printable(name)) for name in inner)
+    common = sorted(shared)
+    return [f"folders {names} hold sub-folders of the same names ({', '.join(repr(printable(n)) for n in common[:4])}"
+            f"{', ...' if len(common) > 4 else ''}) and are read as {len(inner)} classes; if they are splits, name "
+            "them train/, val/ and test/."]
 
 
 def _check_usable(result: ScanResult, min_classes: int = 2) -> None:

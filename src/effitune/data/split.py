@@ -11,7 +11,7 @@ import hashlib
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 from sklearn.model_selection import train_test_split
@@ -29,22 +29,30 @@ def min_images_per_class(val: float, test: float) -> int:
     return max(needed, math.ceil(1 / min(fractions)) if fractions else 1)
 
 
-def split(data: str | Path, *, out: str | Path | None = None, val: float = 0.15, test: float = 0.15,
-          seed: int = 0, near_duplicate_distance: int = 4) -> tuple[list[dict], list[str]]:
-    """`effitune split` from Python: scan DATA (a folder or CSV), split it duplicate-aware and return
-    (manifest rows, notices to show: class folders left out, look-alike images across classes).
-    With `out`, records.jsonl and manifest.csv are written there."""
+def split(data: str | Path | list[dict], *, out: str | Path | None = None, val: float = 0.15, test: float = 0.15,
+          seed: int = 0, near_duplicate_distance: int = 4, progress: bool = False,
+          notify: Callable[[str], None] | None = None) -> tuple[list[dict], list[str]]:
+    """`effitune split` from Python: scan DATA (a folder or CSV; or pass scan records), split it
+    duplicate-aware and return (manifest rows, notices: class folders left out, look-alike images across
+    classes). `notify` hears each notice before the split (which may refuse). With `out`,
+    records.jsonl and manifest.csv are written there."""
     from .audit import duplicate_groups, label_conflict_notice
     from .scan import load_ok_records, scan
 
-    result = scan(data, out=out, progress=False)
-    records = load_ok_records(result.records_path)
+    if isinstance(data, list):
+        records, notices = [r for r in data if r.get("status", "ok") == "ok"], []
+    else:
+        result = scan(data, out=out, progress=progress)
+        records, notices = load_ok_records(result.records_path), list(result.notices)
     groups = duplicate_groups(records, near_duplicate_distance)
+    conflict = label_conflict_notice(records, groups, data if not isinstance(data, list) else "DATA")
+    notices += [conflict] if conflict else []
+    for notice in notices if notify else ():
+        notify(notice)
     rows = split_records(records, val=val, test=test, seed=seed, groups=groups)
     if out is not None:
         write_manifest(rows, Path(out) / "manifest.csv")
-    conflict = label_conflict_notice(records, groups, data)
-    return rows, result.notices + ([conflict] if conflict else [])
+    return rows, notices
 
 
 def split_records(records: list[dict], *, val: float = 0.15, test: float = 0.15, seed: int = 0,

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.split import read_manifest
+from ..bundle import read_meta
+from ..data.split import MANIFEST_COLUMNS, manifest_hash, read_manifest
 from ..errors import UserError
 from ..predict import Predictor, softmax
 from .metrics import classification_metrics
@@ -25,7 +26,7 @@ def labelled_rows(data: str | Path, split: str | None = None) -> list[dict]:
     if data.suffix == ".csv" and data.is_file():
         with open(data, encoding="utf-8", errors="surrogateescape") as stream:
             header = stream.readline()
-        if "split" in header:
+        if set(MANIFEST_COLUMNS) <= {name.strip().lower() for name in header.split(",")}:  # a manifest
             rows = [r for r in read_manifest(data) if r["split"] == (split or "test")]
             if not rows:
                 raise UserError(f"{data} has no rows in split '{split or 'test'}'. Use --split train|val|test.")
@@ -48,13 +49,14 @@ def trained_on(bundle: str | Path, rows: list[dict]) -> int:
     """How many of `rows` are train or val images of the run that made `bundle` (its manifest.csv, when
     the bundle still sits in its run folder), by path or by content (a copied or moved image counts):
     evaluating on them flatters the model."""
-    manifest = Path(bundle).parent / "manifest.csv"
-    if not manifest.is_file():
-        return 0
+    manifest = Path(bundle).resolve().parent / "manifest.csv"
+    trained = read_meta(bundle).get("manifest_sha1")
+    if not manifest.is_file() or (trained and manifest_hash(manifest) != trained):
+        return 0  # no run folder around the bundle, or another run's manifest
     seen = [r for r in read_manifest(manifest) if r["split"] in ("train", "val")]
-    paths = {os.path.realpath(r["path"]) for r in seen}
     contents = {r["sha1"] for r in seen if r.get("sha1")}
-    return sum(os.path.realpath(r["path"]) in paths or r.get("sha1") in contents for r in rows)
+    paths = {os.path.normpath(r["path"]) for r in seen}
+    return sum(r.get("sha1") in contents or os.path.normpath(r["path"]) in paths for r in rows)
 
 
 def evaluate_bundle(bundle: str | Path, data: str | Path, split: str | None = None,

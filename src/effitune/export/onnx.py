@@ -28,7 +28,7 @@ from torch import nn
 
 from .. import __version__
 from ..bundle import read_meta, update_meta, weights_fingerprint
-from ..data.images import load_for_model
+from ..data.images import is_url, load_for_model
 from ..data.split import manifest_hash, read_manifest
 from ..errors import UserError
 from ..models.network import Network
@@ -102,10 +102,12 @@ def export_onnx(bundle: str | Path, *, int8: bool = False, fp16: bool = False,
 
 
 def _exists(sources) -> bool:
-    """A calibration folder, file or glob pattern that names something."""
+    """A calibration folder, file or glob pattern that names something (arrays and URLs are not checked here)."""
     import glob
 
-    return any(Path(source).exists() or glob.glob(str(source)) for source in
+    if isinstance(sources, np.ndarray):
+        return True
+    return any(is_url(source) or Path(source).exists() or glob.glob(str(source)) for source in
                ([sources] if isinstance(sources, (str, Path)) else sources))
 
 

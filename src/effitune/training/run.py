@@ -93,7 +93,7 @@ def train(data: str | Path | None = None, *, out: str | Path = "runs/run", confi
           cache_root: str | Path | None = None, progress: bool = True,
           unknown_dir: str | Path | None = None, features_dir: str | Path | None = None,
           callbacks: tuple = (), finish: bool = True) -> TrainResult:
-    """`config`: a Config, a dict ({"train": {"epochs": 5}} or {"train.batch_size": 32}) or a YAML path.
+    """`config`: a Config, a dict ({"train": {"batch_size": 32}} or {"train.stage1.epochs": 5}) or a YAML path.
     `unknown_dir`: example images of no class; the unknown-image score is then chosen on them.
 
     For tuning trials: `features_dir` shares one frozen-prefix cache between runs on the same manifest,
