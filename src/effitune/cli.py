@@ -53,10 +53,15 @@ def user_errors(command):
 _PACKAGE = Path(__file__).resolve().parent
 
 
+def _warn(text: str) -> None:
+    """One `warning:` line on stderr, printed as written (no markup)."""
+    err.print(f"[yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """effitune's own warnings as one `warning:` line, like the rest of the CLI; others as Python prints them."""
     if issubclass(category, UserWarning) and Path(filename).resolve().is_relative_to(_PACKAGE):
-        err.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+        _warn(str(message))
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
@@ -76,7 +81,7 @@ def _describe_os_error(error: OSError) -> str:
 
 def _print_notices(result) -> None:
     for notice in result.notices:
-        err.print(f"[yellow]warning:[/] {escape(notice)}", highlight=False)
+        _warn(notice)
 
 
 def backend_option():
@@ -149,8 +154,7 @@ def split(data: Path = typer.Argument(..., help="Data folder / CSV."),
     config = load_config(overrides={"data.val": val, "data.test": test, "data.seed": seed})
     rows, _ = split_data(data, out=out, val=val, test=test, seed=seed, progress=True,
                          near_duplicate_distance=config.data.near_duplicate_distance,
-                         notify=lambda notice: err.print(f"[yellow]warning:[/] {escape(notice)}", highlight=False,
-                                                         soft_wrap=True))
+                         notify=_warn)
     path = out / "manifest.csv"
     table = Table("split", "images", "classes")
     for part, counts in split_counts(rows).items():
@@ -403,7 +407,7 @@ def serve(bundle: Path = typer.Argument(..., help="Model bundle folder."),
         raise UserError(f"serving needs the serve extra ({error.name} is missing): "
                         'pip install "effitune[serve]"') from None
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        err.print(f"[yellow]warning:[/] listening on {escape(host)} without an API key: anyone who can reach it can use it")
+        _warn(f"listening on {host} without an API key: anyone who can reach it can use it")
     application = create_app(load(bundle, backend=backend), api_key=api_key,
                              max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                              max_images=max_images, timeout_s=timeout, workers=workers,
@@ -460,7 +464,7 @@ def export(bundle: Path = typer.Argument(..., help="Model bundle folder."),
             check = f"{accuracy}top-1 agreement with fp32 {info['top1_agreement']:.1%} ({info['agreement_images']})"
         err.print(f"{escape(str(bundle / info['file']))}: {info['bytes'] / 1e6:.1f} MB; {escape(check)}", highlight=False)
         if info.get("warning"):
-            err.print(f"[yellow]warning:[/] {escape(info['warning'])}", highlight=False)
+            _warn(info["warning"])
 
 
 @app.command()

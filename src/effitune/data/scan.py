@@ -274,15 +274,17 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
+def _sub_folders(path: str) -> set[str] | None:
+    """Names of the visible sub-folders of `path`; None when it cannot be listed (reported elsewhere)."""
+    try:
+        with os.scandir(path) as entries:
+            return {entry.name for entry in entries if _is_dir(entry) and not entry.name.startswith(".")}
+    except OSError:
+        return None
+
+
 def _has_sub_folders(folders: list[os.DirEntry]) -> bool:
-    for folder in folders:
-        try:
-            with os.scandir(folder.path) as entries:
-                if any(_is_dir(entry) and not entry.name.startswith(".") for entry in entries):
-                    return True
-        except OSError:
-            continue  # listed (and reported) again by _list_dir
-    return False
+    return any(_sub_folders(folder.path) for folder in folders)
 
 
 def _dir_key(path: str) -> tuple[int, int]:
@@ -570,13 +572,9 @@ def _split_like_folders(root: Path) -> list[str]:
         tops = sorted((e for e in entries if _is_dir(e) and not e.name.startswith(".")), key=lambda e: e.name)
     if not 2 <= len(tops) <= 4:
         return []
-    inner: dict[str, set[str]] = {}
-    for top in tops:
-        try:
-            with os.scandir(top.path) as entries:
-                inner[top.name] = {e.name for e in entries if _is_dir(e) and not e.name.startswith(".")}
-        except OSError:
-            return []
+    inner = {top.name: _sub_folders(top.path) for top in tops}
+    if None in inner.values():
+        return []
     shared = set.intersection(*inner.values())
     if len(shared) < 2 or any(len(shared) < len(names) / 2 for names in inner.values()):
         return []  # e.g. cat/2019 and dog/2019: a nested layout, not splits

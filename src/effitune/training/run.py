@@ -108,9 +108,10 @@ def train(data: str | Path | None = None, *, out: str | Path = "runs/run", confi
     arguments = dict(locals())  # every parameter, for the processes `distributed.launch` starts
     started = time.perf_counter()
     _check_unknown_dir(unknown_dir)
-    require_loggers((config or Config()).train.logger if resume is None else _saved_config(resume).train.logger)
+    effective = _saved_config(resume) if resume is not None else config or Config()
+    require_loggers(effective.train.logger)
     _quiet_lightning()
-    plan = _plan(_saved_config(resume) if resume is not None else config or Config())
+    plan = _plan(effective)
     if plan.launch == "self":
         console.print(f"starting {plan.per_node} training processes on this machine ({plan.strategy})")
         return distributed.launch(train, plan.per_node, **arguments)
