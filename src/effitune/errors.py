@@ -7,3 +7,8 @@ class UserError(Exception):
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C (SIGINT); the message says how to go on."""
+
+
+class EffituneWarning(UserWarning):
+    """What effitune's library code warns about; `warnings.simplefilter("error", EffituneWarning)` makes
+    each one an exception, and the CLI prints each as one `warning:` line."""

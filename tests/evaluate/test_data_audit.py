@@ -171,9 +171,9 @@ def test_label_issue_rule_on_known_probabilities():
 
 
 def test_neighbours_blocked_matches_brute_force(monkeypatch):
-    from effitune.evaluate import data_audit
+    from effitune.evaluate import neighbours as nearest
 
-    monkeypatch.setattr(data_audit, "_BLOCK", 7)  # many blocks, uneven last one
+    monkeypatch.setattr(nearest, "_BLOCK", 7)  # many blocks, uneven last one
     rng = np.random.default_rng(0)
     features = rng.normal(size=(40, 16)).astype(np.float32)
     features[5] = features[30] * 2  # same direction: cosine 1
@@ -206,3 +206,24 @@ def test_cli_audit_with_model(planted):
     assert len(set(truth["flipped"]) & {issue["path"] for issue in model["label_issues"]}) >= 5
     assert model["counts"]["near_duplicates_across_classes"] == len(truth["copied"])
     assert "image size" in model["shortcut"]["flagged"]
+
+
+def test_the_label_probe_fits_on_a_bounded_sample(monkeypatch):
+    """Each fold's probe fits on at most fit_rows rows (every class kept): its cost does not grow with n."""
+    from effitune.evaluate import data_audit
+
+    fitted = []
+    original = data_audit._probe
+
+    def counting(dims, train_size, seed):
+        fitted.append(train_size)
+        return original(dims, train_size, seed)
+
+    monkeypatch.setattr(data_audit, "_probe", counting)
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), [400, 150, 50])
+    features = rng.normal(size=(600, 8)) + 3 * np.eye(8)[labels]
+    probabilities = data_audit.out_of_fold_probabilities(features, labels, fit_rows=120)
+    assert fitted and max(fitted) <= 120 + 3
+    assert probabilities.shape == (600, 3) and np.allclose(probabilities.sum(1), 1)
+    assert (probabilities.argmax(1) == labels).mean() > 0.9  # still a working probe

@@ -6,8 +6,8 @@ The file-level audit (`data/audit.py`) sees bytes and hashes; this one sees what
   from a logistic regression on the bundle's pooled features; each class's threshold is its mean
   self-confidence, and an image is suspect when its given label falls below that class's threshold
   while another class clears its own;
-- near duplicates: cosine similarity of the features, in blocked matrix products (no n x n matrix);
-- outliers: mean cosine distance to the k nearest neighbours, from the same products;
+- near duplicates: cosine similarity of the features, from a nearest-neighbour index (linear in n);
+- outliers: mean cosine distance to the k nearest neighbours, from the same index;
 - shortcuts: how well image metadata alone (size, format, EXIF orientation, file size, mean colour)
   predicts the class. A model can learn "class X is the 640x480 PNGs" as happily as the content.
 """
@@ -27,14 +27,15 @@ from rich.text import Text
 
 from ..data.audit import _paths_table  # the file-level audit's tables: one look for both
 from ..data.scan import printable
+from . import neighbours as nearest
 
 SIMILARITY = 0.97  # cosine similarity above which two images count as near duplicates
 _IDENTICAL = 0.995  # ... and above which they are, for the model, the same picture
 NEIGHBOURS = 5
-_BLOCK = 2048  # rows of the similarity matrix held at once
 _MAX_PAIRS = 10_000  # near-duplicate pairs kept (the most similar); the count covers them all
 _FOLDS = 5
 _PCA_DIMS = 128  # the label-error model sees at most this many principal components
+PROBE_FIT_ROWS = 20_000  # rows each fold's probe fits on: its time stays bounded as the data grows
 # Metadata groups for the shortcut check. "capture" ones say nothing about the content, so a class
 # they predict is a pipeline artefact; "content" ones partly follow the content itself.
 SHORTCUT_GROUPS = {
@@ -51,26 +52,53 @@ _MIN_SUPPORT = 5
 
 # ----------------------------------------------------------------------------------- label errors
 def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, folds: int = _FOLDS,
-                              seed: int = 0) -> np.ndarray | None:
-    """(n, classes) probabilities, each row from a model that never saw that image; None if too few."""
-    from sklearn.decomposition import PCA
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import Normalizer
+                              seed: int = 0, fit_rows: int | None = None) -> np.ndarray | None:
+    """(n, classes) probabilities, each row from a model that never saw that image; None if too few.
+
+    Each fold's probe fits on at most `fit_rows` (default `PROBE_FIT_ROWS`) of the other folds' rows,
+    drawn per class: its cost is then bounded, and only the predictions grow with n.
+    """
+    from sklearn.model_selection import StratifiedKFold
 
     smallest = np.bincount(labels).min() if len(labels) else 0
     folds = min(folds, int(smallest))
     if folds < 2 or len(np.unique(labels)) < 2:
         return None
-    # Cosine geometry (unit rows), then the leading components only: at most half as many as the
-    # training images, and never whitened, or the probe fits noise and its probabilities saturate.
-    train_size = len(labels) - math.ceil(len(labels) / folds)
-    dims = max(1, min(_PCA_DIMS, features.shape[1], train_size // 2))
-    model = make_pipeline(Normalizer(), PCA(dims, random_state=seed), LogisticRegression(C=1.0, max_iter=2000))
+    fit_rows = fit_rows or PROBE_FIT_ROWS
+    classes = int(labels.max()) + 1
+    probabilities = np.zeros((len(labels), classes))
     splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    rng = np.random.default_rng(seed)
     with threadpool_limits(1):  # small dense problems: extra BLAS threads only contend (10-40x slower seen)
-        return cross_val_predict(model, features, labels, cv=splitter, method="predict_proba")
+        for train, held_out in splitter.split(features, labels):
+            train = _stratified_subset(train, labels, fit_rows, rng)
+            model = _probe(features.shape[1], len(train), seed).fit(features[train], labels[train])
+            probabilities[np.ix_(held_out, model.classes_)] = model.predict_proba(features[held_out])
+    return probabilities
+
+
+def _probe(dims: int, train_size: int, seed: int):
+    """Cosine geometry (unit rows), then the leading components only: at most half as many as the
+    training images, and never whitened, or the probe fits noise and its probabilities saturate."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import Normalizer
+
+    components = max(1, min(_PCA_DIMS, dims, train_size // 2))
+    return make_pipeline(Normalizer(), PCA(components, random_state=seed), LogisticRegression(C=1.0, max_iter=2000))
+
+
+def _stratified_subset(rows: np.ndarray, labels: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
+    """At most `limit` of `rows`, each class keeping its share (and at least one row)."""
+    if len(rows) <= limit:
+        return rows
+    kept = []
+    for k in np.unique(labels[rows]):
+        members = rows[labels[rows] == k]
+        share = max(1, round(limit * len(members) / len(rows)))
+        kept.append(rng.choice(members, size=min(share, len(members)), replace=False))
+    return np.sort(np.concatenate(kept))
 
 
 def find_label_issues(probabilities: np.ndarray, labels: np.ndarray) -> tuple[list[dict], np.ndarray]:
@@ -98,45 +126,13 @@ def find_label_issues(probabilities: np.ndarray, labels: np.ndarray) -> tuple[li
 
 # ------------------------------------------------------------------- neighbours in feature space
 def neighbours(features: np.ndarray, threshold: float = SIMILARITY, k: int = NEIGHBOURS,
-               max_pairs: int = _MAX_PAIRS) -> tuple[list[tuple[int, int, float]], int, np.ndarray]:
+               max_pairs: int = _MAX_PAIRS, device: str = "cpu") -> tuple[list[tuple[int, int, float]], int, np.ndarray]:
     """(pairs i<j with cosine similarity >= threshold, most similar first; their total count;
-    each row's mean cosine distance to its k nearest other rows).
+    each row's mean cosine distance to its k nearest other rows), from centred features.
 
-    Features are centred first: pooled activations share a large common component that makes any
-    two images look alike. One pass of blocked products over the L2-normalised rows: memory grows
-    with block x n, not n x n.
+    Linear in the number of images above a few thousand (a faiss index; `evaluate/neighbours.py`).
     """
-    unit = features.astype(np.float32) - features.mean(axis=0, dtype=np.float64).astype(np.float32)
-    unit /= np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
-    n = len(unit)
-    k = max(1, min(k, n - 1))
-    knn = np.zeros(n, dtype=np.float64)
-    kept: list[np.ndarray] = []
-    total = 0
-    for start in range(0, n, _BLOCK):
-        block = unit[start:start + _BLOCK] @ unit.T
-        rows = np.arange(len(block))
-        block[rows, rows + start] = -np.inf  # never one's own neighbour
-        if n > 1:
-            nearest = -np.partition(-block, k - 1, axis=1)[:, :k]
-            knn[start:start + len(block)] = 1.0 - nearest.mean(axis=1)
-        i, j = np.nonzero(block >= threshold)
-        i = i + start
-        keep = j > i
-        i, j = i[keep], j[keep]
-        total += len(i)
-        if len(i):
-            kept.append(np.stack([i, j, block[i - start, j]], axis=1))
-            if sum(len(part) for part in kept) > 2 * max_pairs:
-                kept = [_most_similar(np.concatenate(kept), max_pairs)]
-    merged = _most_similar(np.concatenate(kept), max_pairs) if kept else np.zeros((0, 3))
-    pairs = [(int(a), int(b), float(s)) for a, b, s in merged]
-    return pairs, total, knn
-
-
-def _most_similar(pairs: np.ndarray, limit: int) -> np.ndarray:
-    order = np.lexsort((pairs[:, 1], pairs[:, 0], -pairs[:, 2]))
-    return pairs[order[:limit]]
+    return nearest.neighbours(features, threshold, k, max_pairs, device=device)
 
 
 def outlier_cutoff(scores: np.ndarray) -> float:
@@ -307,14 +303,17 @@ class DataAudit:
 
 def audit_features(features: np.ndarray, labels: Sequence[str], paths: Sequence[str], *,
                    splits: Sequence[str | None] | None = None, metadata: list[dict] | None = None,
-                   similarity: float = SIMILARITY, seed: int = 0) -> DataAudit:
-    """The audit from pooled features (n, d), one label and path per row; `metadata` from `image_metadata`."""
+                   similarity: float = SIMILARITY, seed: int = 0, device: str = "cpu") -> DataAudit:
+    """The audit from pooled features (n, d), one label and path per row; `metadata` from `image_metadata`.
+
+    `device`: "cuda" runs the neighbour search on the GPU (exact); on a CPU a faiss index keeps it linear.
+    """
     classes = sorted(set(labels))
     y = np.array([classes.index(label) for label in labels], dtype=np.int64)
     splits = list(splits) if splits is not None else [None] * len(y)
     probabilities = out_of_fold_probabilities(features, y, seed=seed)
     issues, thresholds = ([], np.ones(len(classes))) if probabilities is None else find_label_issues(probabilities, y)
-    pairs, pair_count, knn = neighbours(features, similarity)
+    pairs, pair_count, knn = neighbours(features, similarity, device=device)
     cutoff = outlier_cutoff(knn) if len(knn) > 3 else None
     order = np.argsort(-knn)[:max(50, int(np.sum(knn > cutoff)) if cutoff is not None else 0)]
     result = DataAudit(
@@ -407,4 +406,5 @@ def audit_data(bundle: str | Path, data: str | Path, *, manifest: str | Path | N
     features = features[:, :predictor.pooled_dim]  # the pooled features (not the frozen-prefix part)
     return audit_features(features, [r["label"] for r in rows], [r["path"] for r in rows],
                           splits=[r.get("split") for r in rows],
-                          metadata=image_metadata([r["path"] for r in rows], records), similarity=similarity)
+                          metadata=image_metadata([r["path"] for r in rows], records), similarity=similarity,
+                          device=device)

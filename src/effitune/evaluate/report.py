@@ -201,7 +201,7 @@ def write_report(bundle: str | Path, data: str | Path | None = None, out: str | 
     evaluation = evaluate_rows(rows, logits, classes, temperature)
     paths = [row["path"] for row in rows]
     audit = audit_features(features, [r["label"] for r in rows], paths, splits=[r.get("split") for r in rows],
-                           metadata=image_metadata(paths, records))
+                           metadata=image_metadata(paths, records), device=device)
     metrics = classification_metrics(evaluation.probabilities, evaluation.labels, classes) \
         if len(evaluation.labels) else {}
     labelled = len(evaluation.labels) > 0
