@@ -221,7 +221,19 @@ def train(data: Optional[Path] = typer.Argument(None, help="Data folder / CSV (n
     from .distributed import is_main
 
     if json_output and is_main():  # under torchrun/srun every process gets here; rank 0 has the metrics
-        print_json({"run_dir": str(result.run_dir), "bundle": str(result.bundle), "metrics": result.metrics})
+        print_json({"run_dir": str(result.run_dir), "bundle": str(result.bundle), "metrics": result.metrics,
+                    "timings": result.timings})
+    elif is_main():
+        _print_timings(result)
+
+
+def _print_timings(result) -> None:
+    """The run's timings.json as a short table: where the wall time went."""
+    from .timings import table_lines
+
+    if result.timings:
+        err.print("[bold]where the time went[/] (timings.json)\n" + escape("\n".join(table_lines(result.timings))),
+                  highlight=False)
 
 
 def _refuse_settings_beside_resume(resume: Path, overrides: dict, arguments: dict) -> None:
@@ -377,6 +389,7 @@ def demo(out: Path = typer.Option(Path("demo"), help="Where the images and the r
             shutil.rmtree(run_dir)
         config = load_config(overrides={"train.stage1.epochs": epochs, "train.stage2.epochs": epochs})
         result = run_train(images, out=run_dir, config=config)
+    _print_timings(result)
     err.print(f"demo done: test accuracy {result.metrics['accuracy']:.4f}; try "
               f"`effitune predict {escape(str(result.bundle))} {escape(str(images))}/bag`")
 

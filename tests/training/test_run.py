@@ -183,3 +183,26 @@ def test_train_takes_a_dict_config_from_a_notebook(tiny_dataset_module, tmp_path
                            "train.accelerator": "cpu"})
     saved = load_config(result.run_dir / "config.yaml")
     assert saved.data.image_size == 32 and saved.train.stage1.epochs == 1 and saved.train.unfreeze == "0"
+
+
+def test_timings_add_up_to_the_wall_time_and_reach_the_report(tiny_dataset_module, tmp_path):
+    import json
+
+    from effitune import timings
+
+    started = time.perf_counter()
+    result = train(tiny_dataset_module, out=tmp_path / "run", config=tiny_cpu_config(), cache_root=tmp_path / "cache",
+                   progress=False)
+    outside = time.perf_counter() - started
+    table = timings.read(result.run_dir)
+    assert table == result.timings
+    for step in ("scan", "split", "resize cache", "caching pass", "stage1", "stage2-depth1", "pass after the phases",
+                 "calibration, unknown images, test, bundle", "report"):
+        assert table[step] > 0, step
+    steps = sum(v for k, v in table.items() if k not in ("wall_seconds", "unaccounted_seconds"))
+    assert table["wall_seconds"] <= outside + 0.01  # rounded to 0.01 s
+    assert steps >= 0.85 * table["wall_seconds"]  # the timed steps cover the run: nothing big goes untimed
+    assert abs(steps + table["unaccounted_seconds"] - table["wall_seconds"]) < 0.05
+    shown = json.loads((result.run_dir / "report" / "report.json").read_text())["timings"]
+    assert "report" not in shown and shown["stage1"] == table["stage1"]  # the steps up to the report
+    assert "Where the time went" in (result.run_dir / "report" / "report.html").read_text()

@@ -27,6 +27,7 @@ from ..bundle import read_meta
 from ..errors import UserError
 from . import plots
 from .data_audit import NEIGHBOURS
+from .. import timings as run_timings
 
 MISTAKES_SHOWN = 24
 CONFUSED_PAIRS = 10
@@ -216,6 +217,7 @@ def write_report(bundle: str | Path, data: str | Path | None = None, out: str | 
         "most_confused": most_confused(metrics["confusion"], classes) if metrics else [],
         "mistakes": confident_mistakes(evaluation, rows, classes) if metrics else [],
         "calibration": calibration, "splits": split_table(rows), "audit": audit.to_dict(),
+        "timings": run_timings.read(bundle.parent),
     }
     summary["warnings"] = _report_warnings(summary) + audit.warnings
     figures = _figures(summary, read_history(bundle), audit)
@@ -416,7 +418,18 @@ def _curves(summary: dict, figures: dict) -> str:
                      "yes" if p.get("best") else ""] for p in phases], numeric=(1, 2, 3)) if phases else ""
     picture = _img(figures, "curves", "training curves") or '<p class="muted">The bundle has no training history.</p>'
     return ('<p class="muted">Shaded by stage (blue: head only, orange: unfrozen stages); dashed lines start a '
-            f'phase.</p>{picture}{table}')
+            f'phase.</p>{picture}{table}{_timings_html(summary.get("timings"))}')
+
+
+def _timings_html(timings: dict | None) -> str:
+    """Where the run's time went (RUN/timings.json, up to this report), longest step first."""
+    if not timings:
+        return ""
+    wall = timings.get("wall_seconds") or 0.0
+    steps = sorted(((k, v) for k, v in timings.items() if k != "wall_seconds"), key=lambda item: -item[1])
+    rows = [[name, f"{seconds:.1f}", f"{seconds / wall:.0%}" if wall else ""] for name, seconds in steps]
+    return (f'<h3>Where the time went</h3><p class="muted">{wall:.0f} s of wall time before this report '
+            f'(timings.json).</p>' + _table(["step", "seconds", "share"], rows, numeric=(1, 2)))
 
 
 def _metrics(summary: dict, figures: dict) -> str:

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from .. import bundle as bundles
 from .. import distributed
+from .. import timings as run_timings
 from ..config import Config, StageConfig, as_config, config_from_dict, load_config, save_config
 from ..data.batches import ImageBatches
 from ..data.cache import ImageCache
@@ -82,6 +83,7 @@ class TrainResult:
     metrics: dict
     phases: list[dict] = field(default_factory=list)
     report: Path | None = None  # report.html (None when it could not be written, or not asked for)
+    timings: dict = field(default_factory=dict)  # {step: seconds, ..., "wall_seconds"}: RUN/timings.json
 
 
 def default_cache_root() -> Path:
@@ -107,6 +109,7 @@ def train(data: str | Path | None = None, *, out: str | Path = "runs/run", confi
     config = None if config is None else as_config(config)  # a dict or a YAML path from a notebook
     arguments = dict(locals())  # every parameter, for the processes `distributed.launch` starts
     started = time.perf_counter()
+    timer = run_timings.Timings(started)
     _check_unknown_dir(unknown_dir)
     effective = _saved_config(resume) if resume is not None else config or Config()
     require_loggers(effective.train.logger)
@@ -117,10 +120,11 @@ def train(data: str | Path | None = None, *, out: str | Path = "runs/run", confi
         return distributed.launch(train, plan.per_node, **arguments)
     distributed.init(plan.device)
     console.quiet = not distributed.is_main()
-    paths, config, rows = _open_run(data, out, config, manifest, resume)
+    paths, config, rows = _open_run(data, out, config, manifest, resume, timer)
     paths.shared_features = Path(features_dir) if features_dir else None
     classes = sorted({row["label"] for row in rows})
-    network, weight_source = _build_network(config, len(classes))
+    with timer.step("build network"):
+        network, weight_source = _build_network(config, len(classes))
     config.data.image_size = config.data.image_size or choose_image_size(rows, network)
     _fill_epochs(config, sum(row["split"] == "train" for row in rows))
     config.train.batch_size = config.train.batch_size or (256 if _device(config) == "cuda" else 64)
@@ -129,12 +133,13 @@ def train(data: str | Path | None = None, *, out: str | Path = "runs/run", confi
                        max_pixels=config.data.max_pixels)
     console.print(f"[bold]effitune[/] {len(rows)} images, {len(classes)} classes, {config.model.backbone} "
                   f"@ {config.data.image_size}px, weights: {escape(str(weight_source))}")
-    keys = _cache_images(cache, rows, config)
+    with timer.step("resize cache"):
+        keys = _cache_images(cache, rows, config)
     datamodule = ImageDataModule(rows, keys, classes, cache, batch_size=config.train.batch_size,
                                  augment=config.data.augment, balance=config.data.balance,
                                  workers=config.data.workers, seed=config.data.seed,
                                  device_augment=_device(config) == "cuda")
-    phase_log = _train_phases(network, datamodule, config, paths, started, progress, callbacks)
+    phase_log = _train_phases(network, datamodule, config, paths, started, progress, callbacks, timer)
     trained = round(time.perf_counter() - started, 1)  # scan, split, caches and phases: before any evaluation
     _write_shares(paths)
     if not finish:
@@ -145,11 +150,14 @@ def train(data: str | Path | None = None, *, out: str | Path = "runs/run", confi
     if not distributed.is_main():  # rank 0 alone evaluates and writes the bundle; this rank is done
         return TrainResult(paths.root, paths.model, {}, phase_log)
     metrics, (logits, features) = _evaluate_and_bundle(network, datamodule, config, paths, classes, weight_source,
-                                                       phase_log, started, unknown_dir, trained)
+                                                       phase_log, started, unknown_dir, trained, timer)
     embedded = Embedded([row["path"] for row in rows], logits, features)  # the report reuses the pass
-    report = report_after_training(paths.root, device=_device(config), cache=cache.folder.parent,
-                                   embedded=embedded)  # never raises
-    return TrainResult(paths.root, paths.model, metrics, phase_log, report)
+    timer.write(paths.root)  # the report shows the steps up to it
+    with timer.step("report"):
+        report = report_after_training(paths.root, device=_device(config), cache=cache.folder.parent,
+                                       embedded=embedded)  # never raises
+    timer.write(paths.root)
+    return TrainResult(paths.root, paths.model, metrics, phase_log, report, timer.to_dict())
 
 
 # --- opening a run ------------------------------------------------------------------------------
@@ -168,7 +176,7 @@ def _check_unknown_dir(unknown_dir) -> None:
                         "leave the option out.")
 
 
-def _open_run(data, out, config, manifest, resume) -> tuple[RunPaths, Config, list[dict]]:
+def _open_run(data, out, config, manifest, resume, timer=None) -> tuple[RunPaths, Config, list[dict]]:
     if resume is not None:
         paths = RunPaths(resume)
         if not paths.config.is_file() or not paths.manifest.is_file():
@@ -185,7 +193,7 @@ def _open_run(data, out, config, manifest, resume) -> tuple[RunPaths, Config, li
     paths.root.mkdir(parents=True, exist_ok=True)
     config = config or Config()
     try:
-        rows = sorted(read_manifest(manifest) if manifest else _scan_and_split(data, paths, config),
+        rows = sorted(read_manifest(manifest) if manifest else _scan_and_split(data, paths, config, timer),
                       key=manifest_order)
         _check_splits(rows, manifest or data)
     except (UserError, KeyboardInterrupt):
@@ -222,13 +230,15 @@ def _check_splits(rows: list[dict], source) -> None:
                       "images (keep data.test above 0, default 0.15, to measure it).", highlight=False, soft_wrap=True)
 
 
-def _scan_and_split(data, paths: RunPaths, config: Config) -> list[dict]:
+def _scan_and_split(data, paths: RunPaths, config: Config, timer=None) -> list[dict]:
     from ..data.audit import duplicate_groups, label_conflict_notice
     from ..data.scan import load_ok_records, scan
 
     if data is None:
         raise UserError("Nothing to train on: pass a DATA folder (one subfolder per class), a CSV, or --manifest.")
-    result = scan(data, out=paths.root, config=config.data, workers=config.data.workers, sharded=True)
+    timer = timer or run_timings.Timings()
+    with timer.step("scan"):
+        result = scan(data, out=paths.root, config=config.data, workers=config.data.workers, sharded=True)
     for notice in result.notices:
         console.print(f"[yellow]warning:[/] {escape(notice)}", highlight=False)
 
@@ -240,7 +250,8 @@ def _scan_and_split(data, paths: RunPaths, config: Config) -> list[dict]:
             console.print(f"[yellow]warning:[/] {escape(conflict)}", highlight=False, soft_wrap=True)
         return split_records(records, val=config.data.val, test=config.data.test, seed=config.data.seed,
                              groups=groups)
-    return distributed.on_main(split)  # one split, made once, for every rank
+    with timer.step("split"):
+        return distributed.on_main(split)  # one split, made once, for every rank
 
 
 def choose_image_size(rows: list[dict], network: Network) -> int:
@@ -284,27 +295,40 @@ def _device(config: Config) -> str:
 
 
 def _train_phases(network: Network, datamodule: ImageDataModule, config: Config, paths: RunPaths,
-                  started: float, progress: bool = True, callbacks: tuple = ()) -> list[dict]:
+                  started: float, progress: bool = True, callbacks: tuple = (), timer=None) -> list[dict]:
+    timer = timer or run_timings.Timings()
     state = _read_state(paths)
     depths = resolve_depths(config.train.unfreeze, config.train.max_unfreeze, network.num_stages)
     if str(config.train.unfreeze).isdigit() and int(config.train.unfreeze) > network.num_stages:
         console.print(f"[yellow]warning:[/] --unfreeze {config.train.unfreeze}: {config.model.backbone} has "
                       f"{network.num_stages} stages; all of them are trained in stage 2.", highlight=False)
     phases = [Phase(None)] + [Phase(d) for d in depths]
-    inputs = _cached_inputs(network, datamodule, config, paths, depths) if config.train.feature_cache else {}
+    with timer.step("caching pass"):
+        inputs = _cached_inputs(network, datamodule, config, paths, depths) if config.train.feature_cache else {}
     for phase in phases:
         if phase.name in state["done"]:
             continue
-        if state["best"]:
-            network.load_state_dict(load_file(paths.phases / f"{state['best']}.safetensors"))
-        if distributed.from_main(_should_stop_deeper(phase, state, config, started)):  # ranks' clocks differ
+        with timer.step(phase.name):
+            state, stop = _run_phase(network, phase, datamodule, inputs, config, paths, state, started, progress,
+                                     callbacks)
+        if stop:
             break
-        result = _fit_phase(network, phase, datamodule, inputs, config, paths, progress, callbacks)
-        state = distributed.on_main(_save_phase, network, phase, result, state, paths)
-        epochs = f"{result['epochs']} epoch{'s' * (result['epochs'] != 1)}"
-        console.print(f"{phase.name}: val accuracy {result['val_acc']:.4f} ({epochs}, {result['seconds']:.0f} s)")
     network.load_state_dict(load_file(paths.phases / f"{state['best']}.safetensors"))
     return [{"phase": name, **info, "best": name == state["best"]} for name, info in state["done"].items()]
+
+
+def _run_phase(network, phase: Phase, datamodule, inputs, config: Config, paths: RunPaths, state: dict,
+               started: float, progress: bool, callbacks: tuple) -> tuple[dict, bool]:
+    """One phase from the best weights so far: (the new run state, whether `auto` stops before it)."""
+    if state["best"]:
+        network.load_state_dict(load_file(paths.phases / f"{state['best']}.safetensors"))
+    if distributed.from_main(_should_stop_deeper(phase, state, config, started)):  # ranks' clocks differ
+        return state, True
+    result = _fit_phase(network, phase, datamodule, inputs, config, paths, progress, callbacks)
+    state = distributed.on_main(_save_phase, network, phase, result, state, paths)
+    epochs = f"{result['epochs']} epoch{'s' * (result['epochs'] != 1)}"
+    console.print(f"{phase.name}: val accuracy {result['val_acc']:.4f} ({epochs}, {result['seconds']:.0f} s)")
+    return state, False
 
 
 def _save_phase(network: Network, phase: Phase, result: dict, state: dict, paths: RunPaths) -> dict:
@@ -504,15 +528,13 @@ def _pass_over_every_image(predictor, datamodule: ImageDataModule, chunk: int = 
 
 
 def _evaluate_and_bundle(network, datamodule, config, paths, classes, weight_source, phase_log, started,
-                         unknown_dir=None, train_seconds: float | None = None) -> tuple[dict, tuple]:
+                         unknown_dir=None, train_seconds: float | None = None, timer=None) -> tuple[dict, tuple]:
     """Calibrate, fit the unknown-image score, test, write the bundle; return (metrics, (logits, features)).
 
     The network sees every manifest row once, in manifest order: calibration (val), the unknown-image
     statistics (a train sample), the test metrics and the report after training all read that pass.
     """
-    from ..evaluate.calibration import fit_temperature, reliability
-    from ..evaluate.metrics import classification_metrics
-    from ..predict import Predictor, softmax
+    from ..predict import Predictor
 
     meta = {
         "classes": classes, "backbone": config.model.backbone, "weight_source": weight_source,
@@ -526,8 +548,21 @@ def _evaluate_and_bundle(network, datamodule, config, paths, classes, weight_sou
     }
     staging = paths.root / "model.staging"
     bundles.save_bundle(staging, network.state_dict(), meta, extra_files={"history.csv": paths.history})
-    predictor = Predictor(staging, device=_device(config))
-    logits, features = _pass_over_every_image(predictor, datamodule)
+    timer = timer or run_timings.Timings()
+    with timer.step("pass after the phases"):
+        predictor = Predictor(staging, device=_device(config))
+        logits, features = _pass_over_every_image(predictor, datamodule)
+    with timer.step("calibration, unknown images, test, bundle"):
+        return _calibrate_test_and_bundle(predictor, logits, features, datamodule, config, paths, classes, staging,
+                                          started, unknown_dir, train_seconds)
+
+
+def _calibrate_test_and_bundle(predictor, logits, features, datamodule, config, paths, classes, staging, started,
+                               unknown_dir, train_seconds) -> tuple[dict, tuple]:
+    from ..evaluate.calibration import fit_temperature, reliability
+    from ..evaluate.metrics import classification_metrics
+    from ..predict import softmax
+
     by_split = {name: (logits[at], features[at]) for name, at in datamodule.positions.items() if name != "train"}
     val_logits, val_features = by_split["val"]
     val_labels = datamodule.labels("val")
