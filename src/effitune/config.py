@@ -63,11 +63,15 @@ class TrainConfig:
     # Stage 2's lr is stage 1's x lr_factor: the recipe's "lowered learning rate".
     stage2: StageConfig = field(default_factory=lambda: StageConfig(lr=None, weight_decay=1e-5))  # type: ignore[arg-type]
     lr_factor: float = 0.1
-    unfreeze: str = "auto"  # "auto" (go deeper while val improves) | N (last N whole stages) | "all"
-    max_unfreeze: int = 3  # deepest stage count "auto" tries
+    # "auto": sized to the hardware and the data (training/recipe.py): on a GPU with >= 10k training images
+    # every layer trains after stage 1; elsewhere the last 1, 2, 3... whole stages while val improves.
+    # N: the last N whole stages | "all": every layer
+    unfreeze: str = "auto"
+    max_unfreeze: int | None = None  # deepest stage count "auto" tries; None = 3 on a CPU, every stage on a GPU
     auto_patience: int = 1  # "auto" tries this many deeper depths after one that did not improve (val is noisy)
-    time_budget_min: float | None = None  # stop going deeper under "auto" once this is spent
-    train_bn: bool = False  # BatchNorm stays frozen (inference mode) unless asked
+    time_budget_min: float | None = None  # "auto" starts a deeper phase only if its predicted cost fits in this
+    # BatchNorm trains (batch statistics and affine) only when every layer trains on >= 10k images, unless set
+    train_bn: bool | None = None
     batch_size: int | None = None  # None = 256 on a GPU (small steps leave it idle), 64 on a CPU
     label_smoothing: float = 0.1
     feature_cache: bool = True  # train on cached frozen-prefix activations (exact for frozen layers)
@@ -229,7 +233,7 @@ def _check_ranges(config: Config) -> None:
               ("data.workers", d.workers, d.workers is None or d.workers >= 0, ">= 0"),
               ("model.dropout", m.dropout, 0 <= m.dropout < 1, "in [0, 1)"),
               ("train.lr_factor", t.lr_factor, t.lr_factor > 0, "above 0"),
-              ("train.max_unfreeze", t.max_unfreeze, t.max_unfreeze >= 1, "at least 1"),
+              ("train.max_unfreeze", t.max_unfreeze, t.max_unfreeze is None or t.max_unfreeze >= 1, "at least 1"),
               ("train.auto_patience", t.auto_patience, t.auto_patience >= 0, ">= 0"),
               ("train.time_budget_min", t.time_budget_min, t.time_budget_min is None or t.time_budget_min > 0,
                "above 0 (minutes)"),

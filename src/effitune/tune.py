@@ -35,8 +35,9 @@ SEARCH_SPACE: dict[str, tuple] = {
     "train.cache_views": ("choice", (2, 4, 8)),  # augmented views cached per image (cycled over epochs)
     "train.label_smoothing": ("float", (0.0, 0.2)),
     "model.dropout": ("float", (0.0, 0.5)),
-    # BatchNorm of the trainable tail: frozen (default) or adapting to the new data (far from ImageNet)
-    "train.train_bn": ("choice", (False, True)),
+    # BatchNorm of the trainable tail: as the recipe sizes it (None: frozen unless every layer trains on
+    # >= 10k images), frozen, or adapting to the new data (far from ImageNet)
+    "train.train_bn": ("choice", (None, False, True)),
 }
 STUDY_NAME = "effitune"
 
@@ -195,12 +196,12 @@ def _resolve_param(name: str) -> str:
 def chosen_size(base: Config, manifest_path: Path) -> tuple[int, int]:
     """(the size `train` would pick for this data, the backbone's native size)."""
     from .data.split import read_manifest
-    from .training.run import _build_network, choose_image_size
+    from .training.run import _build_network, _device, choose_image_size
 
     rows = read_manifest(manifest_path)
     network, _ = _build_network(base, len({row["label"] for row in rows}))
     native = int(network.backbone.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
-    return int(base.data.image_size or choose_image_size(rows, network)), native
+    return int(base.data.image_size or choose_image_size(rows, network, _device(base))), native
 
 
 def size_choices(chosen: int, native: int) -> list[int]:

@@ -198,7 +198,7 @@ def test_timings_add_up_to_the_wall_time_and_reach_the_report(tiny_dataset_modul
     assert table == result.timings
     for step in ("scan", "split", "resize cache", "caching pass", "stage1", "stage2-depth1", "pass after the phases",
                  "calibration, unknown images, test, bundle", "report"):
-        assert table[step] > 0, step
+        assert step in table and table[step] >= 0, step
     steps = sum(v for k, v in table.items() if k not in ("wall_seconds", "unaccounted_seconds"))
     assert table["wall_seconds"] <= outside + 0.01  # rounded to 0.01 s
     assert steps >= 0.85 * table["wall_seconds"]  # the timed steps cover the run: nothing big goes untimed

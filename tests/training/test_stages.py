@@ -7,7 +7,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from effitune.models.backbones import create_backbone, num_stages
 from effitune.models.network import Network
 from effitune.training.module import Optimization, PhaseModule
-from effitune.training.stages import BATCHNORM_TYPES, Phase, resolve_depths
+from effitune.training.recipe import auto_depths
+from effitune.training.stages import BATCHNORM_TYPES, Phase
 
 
 def make_network(name="tf_efficientnet_lite0", classes=3):
@@ -69,11 +70,11 @@ def test_all_layers_phase():
 
 def test_resolve_depths():
     stages = num_stages(make_network().backbone)
-    assert resolve_depths("auto", 3, stages) == [1, 2, 3]
-    assert resolve_depths("1", 3, stages) == [1]
-    assert resolve_depths(0, 3, stages) == []
-    assert resolve_depths("all", 3, stages) == [-1]
-    assert resolve_depths(99, 3, stages) == [-1]
+    assert auto_depths("auto", 3, stages, "cpu", 500) == [1, 2, 3]
+    assert auto_depths("1", 3, stages, "cpu", 500) == [1]
+    assert auto_depths(0, 3, stages, "cpu", 500) == []
+    assert auto_depths("all", 3, stages, "cpu", 500) == [-1]
+    assert auto_depths(99, 3, stages, "cpu", 500) == [-1]
 
 
 @pytest.mark.parametrize("left_in", ["train", "eval"])

@@ -44,7 +44,8 @@ from .callbacks import HistoryWriter, SetEpoch
 from .features import POOLED, boundary_name, compute_activations
 from .loggers import make_loggers, require_loggers
 from .module import Optimization, PhaseModule
-from .stages import Phase, resolve_depths
+from . import recipe
+from .stages import Phase
 
 console = Console(stderr=True)
 
@@ -125,8 +126,9 @@ def train(data: str | Path | None = None, *, out: str | Path = "runs/run", confi
     classes = sorted({row["label"] for row in rows})
     with timer.step("build network"):
         network, weight_source = _build_network(config, len(classes))
-    config.data.image_size = config.data.image_size or choose_image_size(rows, network)
-    _fill_epochs(config, sum(row["split"] == "train" for row in rows))
+    config.data.image_size = config.data.image_size or choose_image_size(rows, network, _device(config))
+    n_train = sum(row["split"] == "train" for row in rows)
+    _fill_epochs(config, n_train, _stage2_depths(config, network, n_train))
     config.train.batch_size = config.train.batch_size or (256 if _device(config) == "cuda" else 64)
     distributed.on_main(save_config, config, paths.config)
     cache = ImageCache(cache_root or default_cache_root() / "images", config.data.image_size,
@@ -254,20 +256,25 @@ def _scan_and_split(data, paths: RunPaths, config: Config, timer=None) -> list[d
         return distributed.on_main(split)  # one split, made once, for every rank
 
 
-def choose_image_size(rows: list[dict], network: Network) -> int:
-    """The backbone's native size for photos; for small images, ~3x their size (multiple of 32, >= 96)."""
+def choose_image_size(rows: list[dict], network: Network, device: str = "cpu") -> int:
+    """The backbone's native size for photos; for small images a few times their size (`recipe`)."""
     native = int(network.backbone.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
     short_side = statistics.median(min(row["width"], row["height"]) for row in rows)
     if short_side >= native:
         return native
-    return int(min(native, max(96, math.ceil(3 * short_side / 32) * 32)))
+    return recipe.small_image_size(short_side, native, device)
 
 
-def _fill_epochs(config: Config, n_train: int) -> None:
+def _stage2_depths(config: Config, network: Network, n_train: int) -> list[int]:
+    return recipe.auto_depths(config.train.unfreeze, config.train.max_unfreeze, network.num_stages, _device(config),
+                              n_train)
+
+
+def _fill_epochs(config: Config, n_train: int, depths: list[int] | None = None) -> None:
     """Small data sets need more passes; early stopping ends a phase sooner when it plateaus."""
     default = 20 if n_train < 1_000 else 12 if n_train < 20_000 else 8
-    for stage in (config.train.stage1, config.train.stage2):
-        stage.epochs = stage.epochs or default
+    config.train.stage1.epochs = config.train.stage1.epochs or default
+    config.train.stage2.epochs = config.train.stage2.epochs or recipe.stage2_epochs(default, depths or [], n_train)
     config.train.stage2.lr = config.train.stage2.lr or config.train.stage1.lr * config.train.lr_factor
 
 
@@ -298,7 +305,7 @@ def _train_phases(network: Network, datamodule: ImageDataModule, config: Config,
                   started: float, progress: bool = True, callbacks: tuple = (), timer=None) -> list[dict]:
     timer = timer or run_timings.Timings()
     state = _read_state(paths)
-    depths = resolve_depths(config.train.unfreeze, config.train.max_unfreeze, network.num_stages)
+    depths = _stage2_depths(config, network, len(datamodule.labels("train")))
     if str(config.train.unfreeze).isdigit() and int(config.train.unfreeze) > network.num_stages:
         console.print(f"[yellow]warning:[/] --unfreeze {config.train.unfreeze}: {config.model.backbone} has "
                       f"{network.num_stages} stages; all of them are trained in stage 2.", highlight=False)
@@ -348,9 +355,9 @@ def _should_stop_deeper(phase: Phase, state: dict, config: Config, started: floa
     cut wins even when the first did not (see ANCHORS: last block 0.79, last three stages 0.867), so
     one non-improving depth does not end the search by default.
     """
-    if str(config.train.unfreeze) != "auto" or phase.depth is None or phase.depth <= 1:
+    tried = [name for name in state["done"] if name not in ("stage1", phase.name)]  # deeper phases, in order
+    if str(config.train.unfreeze) != "auto" or phase.depth is None or not tried:
         return False
-    tried = [Phase(d).name for d in range(1, phase.depth)]
     misses = 0
     best_so_far = state["done"]["stage1"]["val_acc"]
     for name in tried:
@@ -361,8 +368,14 @@ def _should_stop_deeper(phase: Phase, state: dict, config: Config, started: floa
         console.print(f"auto unfreeze: {misses} deeper step(s) without a better validation accuracy; stopping.")
         return True
     budget = config.train.time_budget_min
-    if budget is not None and (time.perf_counter() - started) / 60 > budget:
-        console.print(f"auto unfreeze: time budget of {budget} min spent; stopping at depth {phase.depth - 1}.")
+    if budget is None:
+        return False
+    spent = time.perf_counter() - started
+    predicted = recipe.predicted_seconds([state["done"][name]["seconds"] for name in tried
+                                          if "seconds" in state["done"][name]]) or 0.0
+    if spent + predicted > budget * 60:
+        console.print(f"auto unfreeze: {phase.name} would take ~{predicted:.0f} s, past the time budget of "
+                      f"{budget} min ({spent / 60:.1f} spent); stopping after {tried[-1]}.")
         return True
     return False
 
@@ -370,7 +383,7 @@ def _should_stop_deeper(phase: Phase, state: dict, config: Config, started: floa
 def _cached_inputs(network, datamodule, config, paths, depths) -> dict:
     """Frozen-prefix activations for train (augmented views) and val, for every boundary needed."""
     if paths.shared_features is not None:  # tuning: every cut any trial may want, captured once
-        depths = range(1, config.train.max_unfreeze + 1)
+        depths = range(1, recipe.max_depth(config.train.max_unfreeze, _device(config), network.num_stages) + 1)
     cut_depths = [d for d in depths if 0 < d < network.num_stages]
     device = _device(config)
     views = cached_views(config)
@@ -430,7 +443,8 @@ def _fit_phase(network, phase: Phase, datamodule, inputs, config: Config, paths:
                                 warmup_epochs=stage.warmup_epochs,
                                 label_smoothing=config.train.label_smoothing)
     device = _device(config)
-    module = PhaseModule(network, phase, kind, optimization, train_bn=config.train.train_bn, class_weights=weights,
+    train_bn = recipe.train_bn(config.train.train_bn, phase.depth, len(datamodule.labels("train")))
+    module = PhaseModule(network, phase, kind, optimization, train_bn=train_bn, class_weights=weights,
                          batch_augment=_batch_augment(config, device), pad_batches=device == "cuda")
     checkpoint_dir = paths.checkpoints / phase.name
     checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val_acc", mode="max",
@@ -464,7 +478,7 @@ def _fit_phase(network, phase: Phase, datamodule, inputs, config: Config, paths:
     module.load_state_dict(best["state_dict"])
     network.to("cpu")
     return {"val_acc": float(checkpoint.best_model_score or 0.0), "epochs": trainer.current_epoch,
-            "seconds": round(time.perf_counter() - began, 1), "inputs": kind,
+            "seconds": round(time.perf_counter() - began, 1), "inputs": kind, "train_bn": train_bn,
             "trainable_params": sum(p.numel() for p in network.parameters() if p.requires_grad)}
 
 

@@ -72,16 +72,3 @@ def set_train_mode(network: Network, phase: Phase, train_bn: bool = False) -> No
         for module in network.modules():
             if isinstance(module, BATCHNORM_TYPES):
                 module.eval()
-
-
-def resolve_depths(unfreeze: str | int, max_unfreeze: int, num_stages: int) -> list[int]:
-    """The stage-2 depths to try, in order: [] (head only), [n], [-1] (all) or [1, 2, ...] for auto."""
-    text = str(unfreeze)
-    if text == "auto":
-        return list(range(1, min(max_unfreeze, num_stages) + 1))
-    if text == "all":
-        return [-1]
-    depth = int(text)
-    if depth == 0:
-        return []
-    return [-1] if depth >= num_stages else [depth]
