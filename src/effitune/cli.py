@@ -178,7 +178,7 @@ def train(data: Optional[Path] = typer.Argument(None, help="Data folder / CSV (n
           unfreeze: Optional[str] = typer.Option(None, help="auto | N last stages | all | 0 (head only)."),
           batch_size: Optional[int] = typer.Option(None),
           augment: Optional[str] = typer.Option(None, help="none | light | standard | strong."),
-          train_bn: Optional[bool] = typer.Option(None, "--train-bn/--frozen-bn", help="Let BatchNorm train in stage 2."),
+          train_bn: Optional[bool] = typer.Option(None, "--train-bn/--frozen-bn", help="Let BatchNorm train in stage 2 (default: only when every layer trains on >= 10k images)."),
           feature_cache: Optional[bool] = typer.Option(None, "--feature-cache/--no-feature-cache",
                                                        help="Train on cached frozen-prefix activations."),
           accelerator: Optional[str] = typer.Option(None, help="auto | cpu | gpu (Lightning)."),
