@@ -53,11 +53,17 @@ def read(folder: str | Path) -> dict[str, float] | None:
         return None
 
 
-def table_lines(timings: dict[str, float]) -> list[str]:
-    """`step  seconds  share` lines, the longest steps first, the wall time last."""
+def ranked(timings: dict[str, float]) -> list[tuple[str, float, float | None]]:
+    """(step, seconds, share of the wall time or None), the longest steps first."""
     wall = timings.get("wall_seconds") or 0.0
     steps = sorted(((k, v) for k, v in timings.items() if k != "wall_seconds"), key=lambda item: -item[1])
-    width = max([len(name) for name, _ in steps] + [4])
-    lines = [f"{name:<{width}}  {seconds:8.1f} s  {seconds / wall:6.1%}" if wall else f"{name:<{width}}  {seconds:8.1f} s"
-             for name, seconds in steps]
-    return lines + [f"{'wall':<{width}}  {wall:8.1f} s"]
+    return [(name, seconds, seconds / wall if wall else None) for name, seconds in steps]
+
+
+def table_lines(timings: dict[str, float]) -> list[str]:
+    """`step  seconds  share` lines, the longest steps first, the wall time last."""
+    steps = ranked(timings)
+    width = max([len(name) for name, _, _ in steps] + [4])
+    lines = [f"{name:<{width}}  {seconds:8.1f} s" + (f"  {share:6.1%}" if share is not None else "")
+             for name, seconds, share in steps]
+    return lines + [f"{'wall':<{width}}  {timings.get('wall_seconds') or 0.0:8.1f} s"]

@@ -426,8 +426,8 @@ def _timings_html(timings: dict | None) -> str:
     if not timings:
         return ""
     wall = timings.get("wall_seconds") or 0.0
-    steps = sorted(((k, v) for k, v in timings.items() if k != "wall_seconds"), key=lambda item: -item[1])
-    rows = [[name, f"{seconds:.1f}", f"{seconds / wall:.0%}" if wall else ""] for name, seconds in steps]
+    rows = [[name, f"{seconds:.1f}", "" if share is None else f"{share:.0%}"]
+            for name, seconds, share in run_timings.ranked(timings)]
     return (f'<h3>Where the time went</h3><p class="muted">{wall:.0f} s of wall time before this report '
             f'(timings.json).</p>' + _table(["step", "seconds", "share"], rows, numeric=(1, 2)))
 
