@@ -30,10 +30,11 @@ import torch
 
 from effitune import ood
 from effitune.data.cache import ImageCache
-from effitune.data.split import read_manifest
+from effitune.data.manifest import read_manifest
 from effitune.evaluate.report import write_report
-from effitune.export.onnx import in_memory_engine
-from effitune.predict import Predictor, run_in_batches
+from effitune.runtime.graph import in_memory_engine
+from effitune.predict import Predictor
+from effitune.runtime.batching import run_in_batches
 from effitune.training.run import default_cache_root
 
 

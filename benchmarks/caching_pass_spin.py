@@ -19,9 +19,9 @@ from pathlib import Path
 from effitune.config import Config
 from effitune.data.cache import ImageCache
 from effitune.data.datamodule import ImageDataModule
-from effitune.data.split import read_manifest
+from effitune.data.manifest import read_manifest
 from effitune.training import features
-from effitune.training.run import _build_network, default_cache_root
+from effitune.training.run import network_for, default_cache_root
 
 
 def training_images(manifest: Path, cache_root: Path | None, size: int, images: int):
@@ -31,7 +31,7 @@ def training_images(manifest: Path, cache_root: Path | None, size: int, images: 
     classes = sorted({row["label"] for row in rows})
     cache = ImageCache((cache_root or default_cache_root()) / "images", size)
     keys = cache.build([row["path"] for row in rows], [row["sha1"] for row in rows])
-    network, _ = _build_network(Config(), len(classes))
+    network, _ = network_for(Config(), len(classes))
     return ImageDataModule(rows, keys, classes, cache), network
 
 

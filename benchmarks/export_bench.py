@@ -29,10 +29,12 @@ from effitune.config import load_config
 from effitune.datasets import export_fashion_mnist
 from effitune.export import ONNX_FILES, export_onnx
 from effitune.export.bench import benchmark, measure, save, table
-from effitune.export.onnx import load_images
+from effitune.export.artifacts import load_images
 from effitune.export.quantize import calibration_images, quantize_file
-from effitune.predict import OnnxEngine, expand_sources, run_in_batches
-from effitune.training.run import train
+from effitune.predict import expand_sources
+from effitune.runtime.batching import run_in_batches
+from effitune.runtime.engines import OnnxEngine
+from effitune.pipeline import train
 
 console = Console()
 INT8_VARIANTS = {"per-tensor": (False, False), "per-channel": (True, False), "per-channel, stem float": (True, True)}

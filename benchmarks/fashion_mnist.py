@@ -26,10 +26,11 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 import effitune
-from effitune.data.split import read_manifest
+from effitune.data.manifest import read_manifest
 from effitune.datasets import FASHION_MNIST_CLASSES, export_fashion_mnist, load_fashion_mnist
 from effitune.evaluate.metrics import classification_metrics
-from effitune.predict import Predictor, softmax
+from effitune.predict import Predictor
+from effitune.runtime.batching import softmax
 
 
 def pixels(paths: list[str]) -> np.ndarray:

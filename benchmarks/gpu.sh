@@ -20,7 +20,7 @@ timeout 230 python3 "$SRC/benchmarks/train_speed.py" --device cuda --size 224 --
 timeout 240 python3 - <<'PY' 2>"$OUT/fmnist.err" | tee "$OUT/fmnist.txt"
 import json, time
 from effitune.datasets import export_fashion_mnist
-from effitune.training.run import train
+from effitune.pipeline import train
 started = time.perf_counter()
 data = export_fashion_mnist("/tmp/fmnist", per_class=2000, source=".gpu/fashion-mnist", seed=1)
 print("export s", round(time.perf_counter() - started, 1))

@@ -18,7 +18,7 @@ import json, time
 from effitune.datasets import export_fashion_mnist
 from effitune.evaluate.evaluate import evaluate_bundle
 from effitune.predict import Predictor
-from effitune.training.run import train
+from effitune.pipeline import train
 
 began = time.perf_counter()
 data = export_fashion_mnist("/tmp/fmnist-full", per_class=None, source=".gpu/fashion-mnist")

@@ -177,7 +177,7 @@ def _setup(args, n: int):
     from effitune.data.datamodule import ImageDataModule
     from effitune.training import run
 
-    run._quiet_lightning()
+    run.quiet_lightning()
     config = Config()
     config.data.image_size, config.data.seed = args.size, 0
     config.train.batch_size, config.train.cache_views = args.batch, args.views
@@ -188,7 +188,7 @@ def _setup(args, n: int):
     cache = ImageCache(args.work / f"cache{n}", args.size)
     keys = json.loads((args.work / f"keys{n}.json").read_text())
     keys = cache.build([r["path"] for r in rows], keys)  # what `train` does: every file known, none decoded
-    network, _ = run._build_network(config, len(classes))
+    network, _ = run.network_for(config, len(classes))
     datamodule = ImageDataModule(rows, keys, classes, cache, batch_size=args.batch, augment=config.data.augment,
                                  workers=config.data.workers, seed=0)
     paths = run.RunPaths(args.work / f"run{n}")

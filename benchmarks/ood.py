@@ -87,8 +87,8 @@ def prepare_bundle(work: Path, run: Path | None, per_class: int, epochs: int, un
                    hold_out: list[str] = ()) -> tuple[Path, Path]:
     """(bundle with unknown statistics, manifest) from a copied run or a fresh small training run."""
     import effitune
-    from effitune import ood
     from effitune.bundle import read_meta
+    from effitune.pipeline import calibrate_unknown
     from effitune.datasets import export_fashion_mnist
 
     if run is None:
@@ -108,7 +108,7 @@ def prepare_bundle(work: Path, run: Path | None, per_class: int, epochs: int, un
         shutil.copytree(run / "model", bundle)
     if "unknown" not in read_meta(bundle):
         began = time.perf_counter()
-        ood.calibrate_bundle(bundle, run / "manifest.csv")
+        calibrate_unknown(bundle, run / "manifest.csv")
         print(f"fitted unknown-image statistics in {time.perf_counter() - began:.0f} s")
     return bundle, run / "manifest.csv"
 
@@ -129,8 +129,8 @@ def main() -> None:
 
     from effitune import drift, ood
     from effitune.bundle import read_meta
-    from effitune.data.split import read_manifest
-    from effitune.predict import Predictor
+    from effitune.data.manifest import read_manifest
+    from effitune.predict import Predictor, embed
 
     args.work.mkdir(parents=True, exist_ok=True)
     bundle, manifest = prepare_bundle(args.work, args.run, args.per_class, args.epochs, args.unfreeze, hold_out)
@@ -144,12 +144,14 @@ def main() -> None:
     results = {"bundle": str(bundle), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                "sets": {}, "drift": {}}
     rows = [r for r in read_manifest(manifest) if r["split"] == "test"]
-    paths, logits, features, _ = ood.embed(predictor, [r["path"] for r in rows])
+    test = embed(predictor, [r["path"] for r in rows])
+    paths, logits, features = test.paths, test.logits, test.features
     label_of = {r["path"]: predictor.classes.index(r["label"]) for r in rows}
     known = (logits, features, np.array([label_of[p] for p in paths]))
     embedded = {"held-out known (test split)": known[:2]}
     for name, folder in sets.items():
-        embedded[name] = ood.embed(predictor, [folder])[1:3]
+        found = embed(predictor, [folder])
+        embedded[name] = found.logits, found.features
         report = ood.evaluate_arrays(detector, known, embedded[name])
         results["sets"][name] = report
         print(f"\n{name}: {report['n_unknown']} unknown vs {report['n_known']} known test images")

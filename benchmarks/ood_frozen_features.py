@@ -20,7 +20,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 import effitune
-from effitune.data.split import read_manifest
+from effitune.data.manifest import read_manifest
 from effitune.models.backbones import create_backbone
 from effitune.models.network import Network
 from effitune.ood import kth_similarity, l2_normalize

@@ -2,7 +2,7 @@
 
 tf_* backbones pad their strided convolutions "SAME", computed from the input's shape on every call.
 The legacy exporter recorded that as shape arithmetic and a Pad per layer, and gave each Pad an empty
-pad-value input that kept ONNX Runtime from folding it into its Conv. Now `export.torchscript_graph`
+pad-value input that kept ONNX Runtime from folding it into its Conv. Now `runtime.graph.torchscript_graph`
 exports constant padding for the one input size and drops the empty input: no Pad is left. Both
 graphs are built here (the old one by turning the two changes off), and timed side by side,
 interleaved over rounds:
@@ -29,19 +29,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import effitune.export as export
 from caching_pass_spin import training_images  # benchmarks/ is the script's folder
-from effitune.export.onnx import torchscript_onnx
-from effitune.predict import OnnxEngine, run_in_batches
+from effitune.runtime import graph as graph_module
+from effitune.runtime.graph import torchscript_onnx
+from effitune.runtime.batching import run_in_batches
+from effitune.runtime.engines import OnnxEngine
 from effitune.training import features
 
-FIXED = {"static_same_padding": export.static_same_padding, "_pads_fusable": export._pads_fusable}
+FIXED = {"static_same_padding": graph_module.static_same_padding, "_pads_fusable": graph_module._pads_fusable}
 OLD = {"static_same_padding": lambda module, example: contextlib.nullcontext(), "_pads_fusable": lambda graph: graph}
 
 
 def use(graph: str) -> None:
     for name, value in (OLD if graph == "old" else FIXED).items():
-        setattr(export, name, value)
+        setattr(graph_module, name, value)
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ import torch
 
 import effitune
 import effitune.training.run as run_module
-from effitune.data.split import read_manifest
+from effitune.data.manifest import read_manifest
 from effitune.datasets import export_fashion_mnist
 from effitune.models.backbones import create_backbone
 from effitune.models.network import Network

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 import effitune
-from effitune.data.split import read_manifest
+from effitune.data.manifest import read_manifest
 from effitune.models.backbones import create_backbone
 
 

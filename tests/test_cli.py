@@ -5,10 +5,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -159,6 +157,24 @@ def test_evaluate_a_folder_honours_its_splits_and_warns_about_training_images(tr
     assert from_csv["n"] == len(labelled) // 2
 
 
+def test_report_and_audit_read_a_plain_csv_as_evaluate_does(trained, tiny_dataset_module, tmp_path):
+    """One reader for every verb: a `path,label,split` CSV (no manifest columns) is scanned, not refused."""
+    out, _ = trained
+    bundle = str(out / "model")
+    images = sorted(Path(tiny_dataset_module).rglob("*.png"))
+    plain = tmp_path / "plain.csv"
+    plain.write_text("path,label,split\n" + "".join(f"{path},{path.parent.name},{'test' if i % 2 else 'train'}\n"
+                                                   for i, path in enumerate(images)))
+    report = runner.invoke(app, ["report", bundle, str(plain), "--out", str(tmp_path / "report"), "--json"])
+    assert report.exit_code == 0, report.output
+    assert json.loads(report.stdout)["data"] == str(plain.resolve())
+    assert (tmp_path / "report" / "report.html").is_file()
+    audit = runner.invoke(app, ["audit", str(plain), "--model", bundle, "--out", str(tmp_path / "scan"), "--json"])
+    assert audit.exit_code == 0, audit.output
+    model_audit = json.loads(audit.stdout)["model_audit"]
+    assert model_audit["n"] == len(images)
+
+
 def test_backend_option_reaches_every_command_that_runs_the_model(trained, tiny_dataset_module, monkeypatch):
     from effitune import predict as predict_module
 
@@ -194,37 +210,52 @@ def test_user_errors_are_one_clear_line(args, fragment, tmp_path, tiny_dataset_m
 def test_ctrl_c_during_training_says_how_to_resume(tiny_dataset_module, tmp_path):
     """Lightning catches Ctrl-C and exits 1 silently; effitune exits 130 and names the command to go on."""
     out = tmp_path / "run"
-    env = {**os.environ, "EFFITUNE_CACHE": str(tmp_path / "cache")}
-    args = [sys.executable, "-m", "effitune.cli", "train", str(tiny_dataset_module), "--out", str(out),
+    env = {**os.environ, "EFFITUNE_CACHE": str(tmp_path / "cache"), "SIGNAL_AT": "SIGINT stage1 1"}
+    args = [sys.executable, "-c", SIGNAL_DURING_TRAINING, "train", str(tiny_dataset_module), "--out", str(out),
             "--epochs", "30", "--image-size", "64", "--unfreeze", "1", "--batch-size", "16"]
     # as from a terminal: a job started in the background of a script (CI) inherits SIGINT ignored
-    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 300
-    last = out / "checkpoints" / "stage1" / "last.ckpt"
-    while not last.is_file() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.1)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert last.is_file(), "stage 1 never started"
-    assert process.returncode == 130, stderr[-2000:]
-    assert f"effitune train --resume {out}" in " ".join(stderr.split()) and "Traceback" not in stderr
+    process = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert (out / "checkpoints" / "stage1" / "last.ckpt").is_file(), "stage 1 never checkpointed"
+    assert process.returncode == 130, process.stderr[-2000:]
+    assert f"effitune train --resume {out}" in " ".join(process.stderr.split()) and "Traceback" not in process.stderr
+
+
+# Runs `effitune train` and signals its own process (SIGKILL: no cleanup, as `kill -9` or a lost machine;
+# SIGINT: Ctrl-C) once, at the start of epoch E of phase P (env SIGNAL_AT="SIGNAL P E"): epochs before E are
+# checkpointed, and early stopping (patience 3) cannot have ended the phase by epoch 2. The moment is
+# fixed by the training's own progress, never by a clock.
+SIGNAL_DURING_TRAINING = """
+import os, signal, sys
+from effitune.training.callbacks import HistoryWriter
+
+name, phase, epoch = os.environ.pop("SIGNAL_AT").split()
+started = HistoryWriter.on_train_epoch_start
+
+def signal_once(self, trainer, pl_module):
+    global phase
+    if self.phase_name == phase and trainer.current_epoch == int(epoch):
+        phase = None
+        os.kill(os.getpid(), getattr(signal, name))
+    started(self, trainer, pl_module)
+
+HistoryWriter.on_train_epoch_start = signal_once
+from effitune.cli import app
+sys.argv = ["effitune", *sys.argv[1:]]
+app()
+"""
 
 
 def test_resume_after_kill(tiny_dataset_module, tmp_path):
     """kill -9 in the middle of stage 2, then --resume finishes from the checkpoints."""
     out = tmp_path / "run"
-    env = {**os.environ, "EFFITUNE_CACHE": str(tmp_path / "cache")}
-    args = [sys.executable, "-m", "effitune.cli", "train", str(tiny_dataset_module), "--out", str(out),
+    env = {**os.environ, "EFFITUNE_CACHE": str(tmp_path / "cache"), "SIGNAL_AT": "SIGKILL stage2-depth1 2"}
+    args = [sys.executable, "-c", SIGNAL_DURING_TRAINING, "train", str(tiny_dataset_module), "--out", str(out),
             "--epochs", "30", "--image-size", "64", "--unfreeze", "1", "--batch-size", "16"]
-    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
+    killed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     last = out / "checkpoints" / "stage2-depth1" / "last.ckpt"
-    while not last.is_file() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert last.is_file(), "stage 2 never started"
+    assert last.is_file(), "stage 2 never checkpointed"
     state = json.loads((out / "state.json").read_text())
     assert "stage1" in state["done"] and "stage2-depth1" not in state["done"]
     assert not (out / "model" / "effitune.json").exists()
@@ -236,7 +267,7 @@ def test_resume_after_kill(tiny_dataset_module, tmp_path):
     # the resumed phase continued its epoch count instead of starting over
     rows = [line.split(",") for line in (out / "history.csv").read_text().splitlines()[1:]]
     epochs = [int(r[2]) for r in rows if r[0] == "stage2-depth1"]
-    assert epochs == sorted(epochs) and len(epochs) == len(set(epochs))
+    assert epochs[:2] == [0, 1] and epochs == sorted(epochs) and len(epochs) == len(set(epochs)) > 2
     metrics = (out / "metrics.json").read_bytes()
     again = runner.invoke(app, ["train", "--resume", str(out)])
     assert again.exit_code == 2 and "is finished already" in again.output
@@ -284,3 +315,20 @@ def test_class_names_with_brackets_survive_the_tables(tmp_path):
     make_image_tree(tmp_path / "data", {"cat [old]": 8, "dog": 8})
     result = runner.invoke(app, ["scan", str(tmp_path / "data"), "--out", str(tmp_path / "out")], env={"COLUMNS": "150"})
     assert result.exit_code == 0 and "cat [old]" in result.output
+
+
+def test_scan_names_the_rejected_files_20_in_its_table_all_in_json(tmp_path):
+    from conftest import make_image_tree
+
+    make_image_tree(tmp_path / "data", {"cat": 8, "dog": 8})
+    broken = [tmp_path / "data" / "cat" / f"broken_{i:02d}.jpg" for i in range(23)]
+    for path in broken:
+        path.write_bytes(b"not an image at all")
+    result = runner.invoke(app, ["scan", str(tmp_path / "data"), "--out", str(tmp_path / "out")], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    listed = [path.name for path in broken if path.name in result.output]
+    assert len(listed) == 20 and "and 3 more" in result.output and "not an image" in result.output
+    result = runner.invoke(app, ["scan", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--json"])
+    rejected = json.loads(result.stdout)["rejected_files"]
+    assert sorted(Path(row["path"]).name for row in rejected) == sorted(path.name for path in broken)
+    assert {row["reason"] for row in rejected} == {"not an image"} and all(row["label"] == "cat" for row in rejected)

@@ -12,6 +12,7 @@ from conftest import make_colour_dataset
 from effitune import bundle as bundles
 from effitune import drift, ood
 from effitune.cli import app
+from effitune.evaluate.unknown import evaluate_unknown
 from effitune.models.backbones import create_backbone
 from effitune.models.network import Network
 from effitune.predict import Predictor
@@ -317,7 +318,7 @@ def test_an_onnx_file_with_other_features_than_the_bundle_is_refused(tiny_bundle
 
 @pytest.mark.parametrize("best, depth", [("stage1", 0), ("stage2-depth2", 2), ("stage2-all", None)])
 def test_training_records_the_frozen_prefix_of_the_best_phase(best, depth):
-    from effitune.training.run import _embedding
+    from effitune.pipeline import _embedding
 
     backbone, _ = create_backbone("tf_efficientnet_lite0", 3, pretrained=False)
     network = Network(backbone, (0.5,) * 3, (0.5,) * 3)
@@ -355,5 +356,5 @@ def test_training_fits_knn_frozen_and_it_rejects_noise(tmp_path):
     rng = np.random.default_rng(1)
     for i in range(20):
         Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(noise / f"{i}.png")
-    report = ood.evaluate(Predictor(result.bundle), tmp_path / "run" / "manifest.csv", [noise])
+    report = evaluate_unknown(Predictor(result.bundle), tmp_path / "run" / "manifest.csv", [noise])
     assert report["score_used"] == "knn-frozen" and report["scores"]["knn-frozen"]["auroc"] > 0.9

@@ -9,7 +9,7 @@ from effitune.cli import app
 from effitune.config import load_config
 from effitune.errors import UserError
 from effitune.runs import find_runs, list_runs
-from effitune.training.run import train
+from effitune.pipeline import train
 
 
 @pytest.fixture(scope="module")

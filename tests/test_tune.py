@@ -10,7 +10,7 @@ import optuna
 import pytest
 import yaml
 
-import effitune.training.run as run_module
+import effitune.pipeline as run_module
 from effitune.config import Config, load_config
 from effitune.errors import UserError
 from effitune.training.stages import Phase

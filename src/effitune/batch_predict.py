@@ -21,12 +21,12 @@ import hashlib
 import heapq
 import json
 import os
-import uuid
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TextIO
 
+from . import files
 from . import distributed
 from .errors import UserError
 from .predict import Predictor, as_sources, expand_sources, load
@@ -310,10 +310,9 @@ def merge_parts(out: str | Path, count: int) -> Path:
     missing = [str(part) for part in parts if not part.is_file()]
     if missing:
         raise UserError(f"Cannot merge into {out}: {', '.join(missing)} missing. Run those shards first.")
-    temporary = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
     streams = [_open_text(part, "r") for part in parts]
     try:
-        with _open_text(temporary, "w") as target:
+        with files.replacing(out) as temporary, _open_text(temporary, "w") as target:
             readers = [_read_part(stream, kind) for stream in streams]
             headers = [next(reader) for reader in readers]
             writer = csv.writer(target) if kind == "csv" else None
@@ -324,11 +323,9 @@ def merge_parts(out: str | Path, count: int) -> Path:
                     writer.writerow(row)
                 else:
                     target.write(row)
-        temporary.replace(out)
     finally:
         for stream in streams:
             stream.close()
-        temporary.unlink(missing_ok=True)
     for part in parts:
         part.unlink(missing_ok=True)
         Path(f"{part}.done").unlink(missing_ok=True)

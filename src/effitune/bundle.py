@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import files
 from .errors import UserError
 
 FORMAT_VERSION = 2  # 2: `features` may carry the frozen-prefix part (`embedding`) and knn-frozen
@@ -82,9 +83,7 @@ def update_meta(folder: str | Path, **changes) -> dict:
     folder = Path(folder)
     meta = read_meta(folder)
     meta.update(changes)
-    temporary = folder / f".{META_FILE}.{uuid.uuid4().hex[:8]}.tmp"
-    temporary.write_text(json.dumps(meta, indent=2, ensure_ascii=True))
-    temporary.replace(folder / META_FILE)
+    files.write_text(folder / META_FILE, json.dumps(meta, indent=2, ensure_ascii=True))
     return meta
 
 

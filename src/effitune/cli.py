@@ -5,6 +5,7 @@ traceback. JSON output (`--json`) goes to stdout; progress and tables go to stde
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -19,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .config import ConfigError, load_config
-from .errors import Interrupted, UserError
+from .errors import EffituneWarning, Interrupted, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn a folder of labelled images into a calibrated, deployable EfficientNet classifier.")
@@ -58,9 +59,15 @@ def _warn(text: str) -> None:
     err.print(f"[yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
+def _say(text: str) -> None:
+    """A progress line from the library (`notify=`), on stderr as written: stdout stays clean for --json."""
+    err.print(escape(text), highlight=False, soft_wrap=True)
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """effitune's own warnings as one `warning:` line, like the rest of the CLI; others as Python prints them."""
-    if issubclass(category, UserWarning) and Path(filename).resolve().is_relative_to(_PACKAGE):
+    if issubclass(category, EffituneWarning) or (issubclass(category, UserWarning)
+                                                   and Path(filename).resolve().is_relative_to(_PACKAGE)):
         _warn(str(message))
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
@@ -89,6 +96,19 @@ def backend_option():
                         "else PyTorch), torch, onnx, fp16 or int8 (after `effitune export --int8`).")
 
 
+@contextlib.contextmanager
+def _scan_progress(show: bool):
+    """A scan's progress bar on stderr (a terminal only): yields the `progress(done, total)` callback or None."""
+    if not (show and sys.stderr.isatty()):
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("Scanning"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err) as bar:
+        task = bar.add_task("scan", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
 def print_json(value) -> None:
     sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=True, default=str) + "\n")
 
@@ -105,13 +125,35 @@ def scan(data: Path = typer.Argument(..., help="Folder with one subfolder per cl
     from .data.scan import scan as run_scan
 
     config = load_config(overrides={"data.min_side": min_side, "data.max_pixels": max_pixels})
-    result = run_scan(data, out=out, config=config.data, workers=workers, progress=not json_output)
+    with _scan_progress(not json_output) as progress:
+        result = run_scan(data, out=out, config=config.data, workers=workers, progress=progress)
     if json_output:
         print_json(result.to_dict())
     else:
         err.print(result.summary_table())
+        _print_rejected(result)
         err.print(f"records: {escape(str(result.records_path))}")
         _print_notices(result)
+
+
+REJECTED_SHOWN = 20  # rejected files `scan` lists; --json has them all
+
+
+def _print_rejected(result) -> None:
+    from .data.scan import printable
+
+    shown = result.rejected_files(REJECTED_SHOWN)
+    if not shown:
+        return
+    table = Table("rejected file", "reason", title=f"Rejected files ({result.counts['rejected']})")
+    table.columns[0].overflow = "fold"
+    for row in shown:
+        reason = row["reason"] + (f": {row['detail']}" if row.get("detail") else "")
+        table.add_row(escape(printable(row["path"])), escape(printable(reason)))
+    if result.counts["rejected"] > len(shown):
+        table.caption = (f"... and {result.counts['rejected'] - len(shown)} more: `effitune scan --json` lists them "
+                         "all (records.jsonl has every file).")
+    err.print(table)
 
 
 @app.command()
@@ -126,7 +168,8 @@ def audit(data: Path = typer.Argument(..., help="Data folder / CSV (scanned firs
     from .data.audit import audit as run_audit
     from .data.scan import scan as run_scan
 
-    records = data if data.suffix == ".jsonl" else run_scan(data, out=out, progress=not json_output).records_path
+    with _scan_progress(not json_output) as progress:
+        records = data if data.suffix == ".jsonl" else run_scan(data, out=out, progress=progress).records_path
     report = run_audit(records, manifest=manifest)
     model_report = None
     if model is not None:
@@ -149,12 +192,13 @@ def split(data: Path = typer.Argument(..., help="Data folder / CSV."),
           test: float = typer.Option(0.15, help="Test fraction."),
           seed: int = typer.Option(0, help="Same data + seed -> identical manifest.")):
     """Stratified, seeded, duplicate-aware train/val/test split -> manifest.csv."""
-    from .data.split import split as split_data, split_counts
+    from .data.manifest import split_counts
+    from .data.split import split as split_data
 
     config = load_config(overrides={"data.val": val, "data.test": test, "data.seed": seed})
-    rows, _ = split_data(data, out=out, val=val, test=test, seed=seed, progress=True,
-                         near_duplicate_distance=config.data.near_duplicate_distance,
-                         notify=_warn)
+    with _scan_progress(True) as progress:
+        rows, _ = split_data(data, out=out, val=val, test=test, seed=seed, progress=progress,
+                             near_duplicate_distance=config.data.near_duplicate_distance, notify=_warn)
     path = out / "manifest.csv"
     table = Table("split", "images", "classes")
     for part, counts in split_counts(rows).items():
@@ -195,7 +239,7 @@ def train(data: Optional[Path] = typer.Argument(None, help="Data folder / CSV (n
                                                      "score is chosen on them (default score: knn-frozen)."),
           json_output: bool = typer.Option(False, "--json", help="Print the test metrics as JSON.")):
     """Scan -> split -> two-stage training -> evaluation on the test split -> model bundle."""
-    from .training.run import train as run_train
+    from .pipeline import train as run_train
 
     overrides = {"model.backbone": model, "model.weights": str(weights) if weights else None,
                  "train.stage1.epochs": epochs, "train.stage2.epochs": epochs, "data.image_size": image_size,
@@ -213,9 +257,9 @@ def train(data: Optional[Path] = typer.Argument(None, help="Data folder / CSV (n
         if resume is None:
             resolved = load_config(config, overrides)
             result = run_train(data, out=out or Path("runs/run"), config=resolved, manifest=manifest,
-                               unknown_dir=unknown_dir)
+                               unknown_dir=unknown_dir, notify=_say)
         else:
-            result = run_train(resume=resume, unknown_dir=unknown_dir)
+            result = run_train(resume=resume, unknown_dir=unknown_dir, notify=_say)
     except KeyboardInterrupt:
         raise _interrupted(resume or out or Path("runs/run")) from None
     from .distributed import is_main
@@ -376,19 +420,19 @@ def demo(out: Path = typer.Option(Path("demo"), help="Where the images and the r
          epochs: Optional[int] = typer.Option(None, help="Epochs per phase (default: from data size).")):
     """The main job on real data: Fashion-MNIST -> PNG folders -> two-stage training -> test accuracy."""
     from .datasets import export_fashion_mnist
-    from .training.run import train as run_train
+    from .pipeline import train as run_train
 
     images = export_fashion_mnist(out / "fashion-mnist", per_class=per_class, source=source)
     err.print(f"Fashion-MNIST: {per_class} images per class in {escape(str(images))}")
     run_dir = out / "run"
     if (run_dir / "state.json").is_file() and not (run_dir / "model" / "effitune.json").is_file():
-        result = run_train(resume=run_dir)
+        result = run_train(resume=run_dir, notify=_say)
     else:
         if (run_dir / "state.json").is_file():
             import shutil
             shutil.rmtree(run_dir)
         config = load_config(overrides={"train.stage1.epochs": epochs, "train.stage2.epochs": epochs})
-        result = run_train(images, out=run_dir, config=config)
+        result = run_train(images, out=run_dir, config=config, notify=_say)
     _print_timings(result)
     err.print(f"demo done: test accuracy {result.metrics['accuracy']:.4f}; try "
               f"`effitune predict {escape(str(result.bundle))} {escape(str(images))}/bag`")
@@ -527,7 +571,7 @@ def ood_eval(bundle: Path = typer.Argument(..., help="Model bundle folder."),
              backend: str = backend_option(),
              json_output: bool = typer.Option(False, "--json")):
     """How well each unknown-image score separates known from unknown images (AUROC, FPR at 95% TPR)."""
-    from .ood import evaluate as evaluate_unknown
+    from .evaluate.unknown import evaluate_unknown
     from .predict import load
 
     report = evaluate_unknown(load(bundle, backend=backend), known, unknown, split=split_name)
@@ -628,15 +672,9 @@ def tune(data: Optional[Path] = typer.Argument(None, help="Data folder / CSV (no
     base = None
     if config is not None or model or batch_size:
         base = load_config(config, {"model.backbone": model, "train.batch_size": batch_size})
-    if trials < 1:
-        raise UserError(f"--trials must be at least 1 (got {trials}).")
-    if budget is not None and budget <= 0:
-        raise UserError(f"--budget is in minutes and must be above 0 (got {budget}); leave it out for no limit.")
-    if confirm_top < 0 or confirm_seeds < 0:
-        raise UserError(f"--confirm-top and --confirm-seeds must be 0 or more (got {confirm_top}, {confirm_seeds}).")
     result = run_tune(data, out=out, trials=trials, budget_min=budget, config=base, manifest=manifest,
                       params=[p.strip() for p in params.split(",") if p.strip()] if params else None,
-                      epochs=epochs, seed=seed, confirm_top=confirm_top, confirm_seeds=confirm_seeds)
+                      epochs=epochs, seed=seed, confirm_top=confirm_top, confirm_seeds=confirm_seeds, notify=_say)
     if json_output:
         print_json({"folder": str(result.folder), "preset": str(result.preset), "best_value": result.best_value,
                     "best_params": result.best_params, "default_value": result.default_value,

@@ -17,10 +17,11 @@ from typing import Any
 
 import yaml
 
+from .distributed import check_settings
+from .errors import ConfigError, UserError
 
-class ConfigError(ValueError):
-    """A user mistake in a config file or flag; the message names the key and the fix."""
 
+LOGGERS = ("csv", "tensorboard", "mlflow")  # train.logger names; training/loggers.py builds them
 
 # Lightning's precision names (its own list lives in lightning.fabric; config stays import-light)
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "64", "16", "bf16",
@@ -201,8 +202,6 @@ def validate(config: Config) -> None:
     if unfreeze not in ("auto", "all") and not (unfreeze.isdigit() and int(unfreeze) >= 0):
         raise ConfigError(f"train.unfreeze '{t.unfreeze}' must be auto, all or a whole number of stages (0 = head only).")
     _check_ranges(config)
-    from .training.loggers import LOGGERS  # one list of names, kept beside the code that builds them
-
     if not {n.strip().lower() for n in str(t.logger).split(",")} <= set(LOGGERS):
         raise ConfigError(f"train.logger '{t.logger}' must be csv, tensorboard or mlflow (or several, comma-joined).")
     _check_distribution(t)
@@ -253,9 +252,6 @@ def _check_ranges(config: Config) -> None:
 
 
 def _check_distribution(t: TrainConfig) -> None:
-    from .distributed import check_settings
-    from .errors import UserError
-
     try:
         check_settings(t.devices, t.num_nodes, t.strategy)
     except UserError as error:

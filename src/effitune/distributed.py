@@ -36,7 +36,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import UserError
+from .errors import ConfigError, UserError
 
 __all__ = ["rank", "world_size", "local_rank", "local_world_size", "is_main", "launcher", "init", "shutdown",
            "barrier", "on_main", "each_rank", "from_main", "shard_range", "note", "take_shares",
@@ -175,7 +175,6 @@ def _attempt(fn: Callable, args: tuple, kwargs: dict) -> tuple[bool, Any, BaseEx
     try:
         return True, fn(*args, **kwargs), None
     except Exception as error:  # noqa: BLE001 - travels to every rank, re-raised below
-        from .config import ConfigError
 
         kind = "user" if isinstance(error, UserError) else "config" if isinstance(error, ConfigError) else "other"
         text = str(error) if kind != "other" else f"{type(error).__name__}: {error}"
@@ -188,7 +187,6 @@ def _raise(failure: _Failure, own: BaseException | None) -> None:
     if failure.kind == "user":
         raise UserError(failure.text)
     if failure.kind == "config":
-        from .config import ConfigError
 
         raise ConfigError(failure.text)
     raise RuntimeError(f"rank {failure.rank} of the run failed: {failure.text}")
@@ -387,7 +385,6 @@ def _worker(fn: Callable, kwargs: dict):
     """One launched process: user mistakes come back as values, so the parent re-raises them cleanly."""
     import multiprocessing
 
-    from .config import ConfigError
 
     # A spawned process inherits "spawn" as its default start method; loader workers and decoder pools
     # would then re-import torch each time (seconds apiece). Back to the platform's default, as torchrun gives.

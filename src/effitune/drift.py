@@ -18,7 +18,8 @@ import numpy as np
 from scipy.stats import fisher_exact
 
 from .errors import UserError
-from .ood import UnknownDetector, embed, l2_normalize, require_detector
+from .ood import UnknownDetector, l2_normalize, require_detector
+from .predict import embed
 
 MAX_IMAGES = 1000  # new images compared (a random subsample beyond this): the kernel is (n + m)^2
 PERMUTATIONS = 500
@@ -124,7 +125,8 @@ def _message(verdict: str, score: float, p_value: float, unknown_share: float, e
 def check(predictor, sources: Iterable, seed: int = 0) -> dict:
     """The drift check for image files / folders / globs against the bundle's reference."""
     detector = require_detector(predictor)
-    paths, logits, features, failed = embed(predictor, sources)
+    embedded = embed(predictor, sources)
+    paths, logits, features, failed = embedded.paths, embedded.logits, embedded.features, embedded.failed
     if len(paths) < 2:
         raise UserError(f"The drift check needs at least 2 readable images; found {len(paths)} "
                         f"({len(failed)} unreadable).")

@@ -21,8 +21,6 @@ to the `unknown` section of effitune.json; no pickle anywhere.
 from __future__ import annotations
 
 import json
-import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -31,7 +29,9 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
+from .bundle import read_meta, update_meta
 from .errors import UserError
+from .runtime.batching import softmax
 
 OOD_FILE = "ood.safetensors"
 BANK_SIZE = 2000  # training features kept for knn; Sun et al. (2022) lose little even at 1% of ImageNet
@@ -239,8 +239,6 @@ def _shared_covariance(centered: np.ndarray) -> tuple[np.ndarray, np.ndarray, fl
 
 @register_score("msp")
 def _msp(detector: UnknownDetector, logits: np.ndarray, features: np.ndarray) -> np.ndarray:
-    from .predict import softmax
-
     return softmax(logits, detector.temperature).max(axis=1)
 
 
@@ -359,8 +357,6 @@ def calibrate(detector: UnknownDetector, val_logits: np.ndarray, val_features: n
 
 def attach(folder: str | Path, detector: UnknownDetector) -> dict:
     """Write ood.safetensors into a bundle and its `unknown` section into effitune.json."""
-    from .bundle import update_meta
-
     detector.save(folder)
     return update_meta(folder, unknown=detector.section)
 
@@ -375,38 +371,9 @@ def require_detector(predictor) -> UnknownDetector:
     detector = getattr(predictor, "unknown", None) or load_detector(predictor.folder, predictor.meta)
     if detector is None:
         raise UserError(f"{predictor.folder} has no unknown-image statistics (it was made before effitune "
-                        "fitted them). Re-train, or add them with effitune.ood.calibrate_bundle(bundle, "
-                        "run/manifest.csv).")
+                        "fitted them). Re-train, or add them with effitune.pipeline.calibrate_unknown("
+                        "bundle, run/manifest.csv).")
     return detector
-
-
-# --- images -> (logits, features) ---------------------------------------------------------------
-
-def embed(predictor, sources: Iterable, batch_size: int = 64) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
-    """(paths read, logits, features, paths that could not be read) for files, folders or globs.
-
-    One pass over every file (`Predictor.run_pass`): ONNX Runtime in memory for `long_pass` files or more."""
-    from .predict import expand_sources
-
-    listed = list(expand_sources(sources))  # names only, so the pass knows its length
-    paths, failed = [], []
-
-    def chunks():
-        for start in range(0, len(listed), batch_size):
-            batch = []
-            for path in listed[start:start + batch_size]:
-                try:
-                    batch.append(predictor.preprocess(path))
-                    paths.append(path)
-                except Exception:  # noqa: BLE001 - an unreadable file is counted, not fatal
-                    failed.append(path)
-            if batch:
-                yield np.stack(batch)
-
-    logits, features = predictor.run_pass(chunks(), len(listed))
-    if not paths:
-        return paths, np.zeros((0, len(predictor.classes)), np.float32), np.zeros((0, 0), np.float32), failed
-    return paths, logits, features, failed
 
 
 def fit_and_attach(folder: str | Path, temperature: float, train: tuple[np.ndarray, np.ndarray],
@@ -418,35 +385,10 @@ def fit_and_attach(folder: str | Path, temperature: float, train: tuple[np.ndarr
     `pooled_dim`: pooled columns of the features (default: the bundle's `embedding`, else all).
     """
     if pooled_dim is None:
-        from .bundle import read_meta
-
         pooled_dim = read_meta(folder).get("embedding", {}).get("pooled_dim")
     detector = UnknownDetector.fit(train[0], train[1], *val, temperature, bank_size, seed, pooled_dim)
     calibrate(detector, val[0], val[1], target_tpr, score, unknown)
     return attach(folder, detector)["unknown"]
-
-
-def calibrate_bundle(bundle: str | Path, manifest: str | Path, unknown_dir: str | Path | None = None,
-                     target_tpr: float = 0.95, score: str = "auto", bank_size: int = BANK_SIZE) -> dict:
-    """Add unknown-image statistics to an existing bundle from its run's manifest (train + val splits)."""
-    from .data.split import read_manifest
-    from .predict import Predictor
-
-    predictor = Predictor(bundle)
-    rows = read_manifest(manifest)
-    label_of = {r["path"]: predictor.classes.index(r["label"]) for r in rows}
-    train_paths = [r["path"] for r in rows if r["split"] == "train"]
-    train_paths = [train_paths[i] for i in stratified_sample([label_of[p] for p in train_paths], bank_size)]
-    read, _, train_features, _ = embed(predictor, train_paths)
-    train_labels = np.array([label_of[p] for p in read])
-    read, val_logits, val_features, _ = embed(predictor, [r["path"] for r in rows if r["split"] == "val"])
-    val = (val_logits, val_features, np.array([label_of[p] for p in read]))
-    examples = embed(predictor, [unknown_dir])[1:3] if unknown_dir else None
-    section = fit_and_attach(bundle, predictor.temperature, (train_features, train_labels), val, target_tpr, score,
-                             examples, bank_size=bank_size, pooled_dim=predictor.pooled_dim)
-    from .export.quantize import refit_int8_thresholds  # new statistics: an INT8 graph's own thresholds too
-
-    return refit_int8_thresholds(bundle) or section
 
 
 # --- evaluation on known and unknown images -------------------------------------------------------
@@ -456,26 +398,6 @@ def acceptance(scores: np.ndarray, threshold: float, correct: np.ndarray) -> dic
     accepted = np.asarray(scores) >= threshold
     return {"known_accepted": float(accepted.mean()) if len(accepted) else float("nan"),
             "selective_accuracy": float(correct[accepted].mean()) if accepted.any() else float("nan")}
-
-
-def evaluate(predictor, known: str | Path, unknown: Iterable, split: str | None = None) -> dict:
-    """Every score on labelled known images (a manifest's split or a folder) vs images of no class."""
-    from .evaluate.evaluate import labelled_paths
-
-    detector = require_detector(predictor)
-    label_of = dict(labelled_paths(known, split))
-    paths, logits, features, _ = embed(predictor, list(label_of))
-    unknown_paths, unknown_logits, unknown_features, failed = embed(predictor, unknown)
-    both = {os.path.realpath(path) for path in paths} & {os.path.realpath(path) for path in unknown_paths}
-    if both:
-        warnings.warn(f"{len(both)} of the unknown images are also known images (e.g. {sorted(both)[0]}): the "
-                      "scores will look worse than they are. Give images of no class as the unknown set.", stacklevel=2)
-    if not len(paths) or not len(unknown_logits):
-        raise UserError(f"ood-eval needs readable known and unknown images; found {len(paths)} known and "
-                        f"{len(unknown_logits)} unknown ({len(failed)} unreadable).")
-    labels = np.array([predictor.classes.index(label_of[p]) for p in paths])
-    return {**evaluate_arrays(detector, (logits, features, labels), (unknown_logits, unknown_features)),
-            "n_unreadable": len(failed)}
 
 
 def evaluate_arrays(detector: UnknownDetector, known: tuple[np.ndarray, np.ndarray, np.ndarray],

@@ -12,127 +12,22 @@ import os
 import threading
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
-from .bundle import WEIGHTS_FILE, read_meta, read_weights, weights_fingerprint
+from .bundle import WEIGHTS_FILE, read_meta, weights_fingerprint
+from .data.cache import ImageCache
 from .data.images import IMAGE_EXTENSIONS, is_url, load_for_model
-from .errors import UserError
-from .export import ONNX_FILES
-from .models.backbones import create_backbone
+from .errors import EffituneWarning, UserError
 from .models.network import Network
 from .ood import load_detector
-
-
-def build_network(meta: dict) -> Network:
-    backbone, _ = create_backbone(meta["backbone"], len(meta["classes"]), pretrained=False)
-    prep = meta["preprocessing"]
-    network = Network(backbone, tuple(prep["mean"]), tuple(prep["std"]))
-    network.frozen_depth = meta.get("embedding", {}).get("frozen_depth")  # bundles before it: pooled only
-    return network
-
-
-def load_network(folder: str | Path, meta: dict | None = None) -> Network:
-    meta = meta or read_meta(folder)
-    network = build_network(meta)
-    state = read_weights(folder)
-    expected = network.state_dict()
-    mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    missing = [k for k in expected if k not in state]
-    if mismatched or missing:
-        detail = (f"shape of {mismatched[0]} is {tuple(state[mismatched[0]].shape)}, expected "
-                  f"{tuple(expected[mismatched[0]].shape)}" if mismatched else f"{len(missing)} tensors missing, "
-                  f"e.g. {missing[0]}")
-        raise UserError(f"{folder}: weights do not fit {meta['backbone']} with {len(meta['classes'])} classes "
-                        f"({detail}). The weights and effitune.json come from different models; re-train or "
-                        "copy the bundle again.")
-    network.load_state_dict(state, strict=True)
-    return network.eval()
-
-
-class TorchEngine:
-    """Runs the bundle's network with PyTorch. Other engines (ONNX Runtime) offer the same `run`.
-
-    In channels_last memory format (NHWC, as the images arrive): 1.5x faster than the default layout
-    for lite0 on a CPU at 96 and 224 px (docs/benchmarks.md); the values are the same. The network
-    is converted in place (no copy of the weights): export a network before giving it to an engine.
-    """
-
-    name = "torch"
-
-    def __init__(self, network: Network, device: str = "cpu"):
-        self.network, self.device = network.to(device).eval().to(memory_format=torch.channels_last), device
-
-    @torch.inference_mode()
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (N, H, W, 3) -> (logits (N, classes), features (N, D [+ P]): see Network.embedding), float32."""
-        batch = torch.from_numpy(np.require(images, requirements="CW")).to(self.device).permute(0, 3, 1, 2)  # NHWC
-        pooled, features = self.network.embedding(batch)
-        return self.network.head(pooled).float().cpu().numpy(), features.float().cpu().numpy()
-
-
-def to_model_input(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [0, 1]: the exported graph's `images` input."""
-    return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255)
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-class OnnxEngine:
-    """Runs an exported graph (`effitune export`) with ONNX Runtime on the CPU: same `run` as TorchEngine.
-
-    `model`: the .onnx file, or the serialized graph itself (bytes: nothing written to disk).
-    """
-
-    def __init__(self, model: str | Path | bytes, threads: int | None = None):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or available_cores()  # one request uses every core
-        options.inter_op_num_threads = 1  # a chain of convs has no parallel branches to spread over
-        options.log_severity_level = 3
-        in_memory = isinstance(model, bytes)
-        self.path = None if in_memory else Path(model)
-        self.name = "onnx" if in_memory else next((b for b, f in ONNX_FILES.items() if f == self.path.name), "onnx")
-        self.session = ort.InferenceSession(model if in_memory else str(model), options,
-                                            providers=["CPUExecutionProvider"])
-        self.input = self.session.get_inputs()[0].name
-        widths = {o.name: o.shape[-1] for o in self.session.get_outputs() if o.shape and isinstance(o.shape[-1], int)}
-        self.feature_width, self.logit_width = widths.get("features"), widths.get("logits")
-
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (N, H, W, 3) -> (logits (N, classes), features (N, D [+ P])), float32."""
-        logits, features = self.session.run(["logits", "features"], {self.input: to_model_input(images)})
-        return logits, features
-
-
-BACKENDS = ("auto", "torch", *ONNX_FILES)
-
-
-def choose_backend(folder: Path, backend: str, device: str = "cpu") -> str:
-    """`auto`: ONNX Runtime when the bundle holds a parity-checked model.onnx and we run on the CPU."""
-    if backend not in BACKENDS:
-        raise UserError(f"Unknown backend '{backend}'. Choose one of: {', '.join(BACKENDS)}.")
-    if backend == "auto":
-        return "onnx" if device == "cpu" and (folder / ONNX_FILES["onnx"]).is_file() else "torch"
-    if backend != "torch" and not (folder / ONNX_FILES[backend]).is_file():
-        flag = {"onnx": "", "fp16": " --fp16", "int8": " --int8"}[backend]
-        raise UserError(f"{folder / ONNX_FILES[backend]} is missing: create it with "
-                        f"`effitune export {folder} --format onnx{flag}`, or use backend 'torch'.")
-    return backend
-
-
-def run_in_batches(engine, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """engine.run over `images` in batches; (logits, features) concatenated."""
-    parts = [engine.run(images[start:start + batch_size]) for start in range(0, len(images), batch_size)]
-    if not parts:
-        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+from .runtime import ONNX_FILES
+from .runtime.batching import run_in_batches, softmax
+from .runtime.engines import OnnxEngine, TorchEngine, choose_backend, load_network
+from .runtime import graph
 
 
 def expand_sources(sources: Iterable[str | Path]) -> Iterator[str]:
@@ -159,13 +54,6 @@ def expand_sources(sources: Iterable[str | Path]) -> Iterator[str]:
 
 def _is_pattern(text: str) -> bool:
     return any(ch in text for ch in "*?[") and not os.path.exists(text)
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 class Predictor:
@@ -212,7 +100,7 @@ class Predictor:
             return engine
         if not fallback:
             raise UserError(f"{problem}. {fix}, or use --backend torch.")
-        warnings.warn(f"{problem}; running in PyTorch instead. {fix}.", stacklevel=3)
+        warnings.warn(f"{problem}; running in PyTorch instead. {fix}.", EffituneWarning, stacklevel=3)
         self.backend = "torch"
         return TorchEngine(self.network, self.device)
 
@@ -297,7 +185,7 @@ class Predictor:
             if engine is self.engine:
                 raise
             warnings.warn(f"ONNX Runtime failed during a pass ({type(error).__name__}: {error}); going on "
-                          "in PyTorch (slower, same results)", stacklevel=3)
+                          "in PyTorch (slower, same results)", EffituneWarning, stacklevel=3)
             self._in_memory = False
             return run_in_batches(self.engine, images, batch_size)
 
@@ -306,7 +194,7 @@ class Predictor:
 
         On a CPU, a bundle served by PyTorch runs a long pass 1.7-2.3x faster in ONNX Runtime: the
         network is exported in memory (no file) and used only if it reproduces PyTorch on `sample`
-        (uint8 images; `export.onnx.in_memory_engine`); one export per predictor. Otherwise (passes
+        (uint8 images; `runtime.graph.in_memory_engine`); one export per predictor. Otherwise (passes
         shorter than `long_pass`, which do not repay the ~1 s of export and check, other backends,
         GPUs, or without `effitune[export]`) this predictor's own engine: the same values, slower.
         """
@@ -318,13 +206,13 @@ class Predictor:
     def _in_memory_engine(self, sample: np.ndarray):
         if self._in_memory is None:
             try:
-                from .export.onnx import in_memory_engine
-            except ImportError:  # onnx / onnxruntime are the optional `effitune[export]`
+                import onnxruntime  # noqa: F401 - the optional `effitune[export]`
+            except ImportError:
                 warnings.warn("long passes run in PyTorch: `pip install 'effitune[export]'` (ONNX Runtime) makes "
-                              "them ~2x faster on a CPU", stacklevel=4)
+                              "them ~2x faster on a CPU", EffituneWarning, stacklevel=4)
                 self._in_memory = False
             else:
-                self._in_memory = in_memory_engine(self.network, sample) or False
+                self._in_memory = graph.in_memory_engine(self.network, sample) or False
         return self._in_memory
 
     def logits(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -391,6 +279,74 @@ class Predictor:
                               score_name=self.unknown.score_name)
                 result["label"] = None if reject and result["unknown"] else result["label"]
             yield result
+
+
+
+# --- images -> (logits, features) ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Embedded:
+    """What a bundle's network gave for `paths`: logits and features (`Network.embedding`), row by row.
+
+    `failed`: the sources that could not be read (only for file names; rows of a scanned data set
+    are readable). Training hands its pass over every manifest row to the report as one of these.
+    """
+    paths: list[str]
+    logits: np.ndarray
+    features: np.ndarray
+    failed: list[str] = field(default_factory=list)
+
+    def covers(self, rows: Sequence[dict]) -> bool:
+        return len(rows) == len(self.paths) and all(
+            os.path.normpath(row["path"]) == os.path.normpath(path) for row, path in zip(rows, self.paths))
+
+
+EMBED_CHUNK = 256  # images decoded and held in RAM at a time
+
+
+def embed(predictor: Predictor, sources: Iterable, *, cache: str | Path | None = None,
+          chunk: int = EMBED_CHUNK) -> Embedded:
+    """One pass of the bundle's network over `sources` (`Predictor.run_pass`: ONNX Runtime in memory on a
+    CPU for long passes), `chunk` images in RAM at a time.
+
+    `sources`: files, folders, globs or URLs (an unreadable one is listed in `failed`, not fatal), or
+    rows of a data set (dicts with `path`, and `sha1` where known). With rows, `cache` (an ImageCache
+    root, as training uses) decodes each image once for every later pass.
+    """
+    sources = list(sources)
+    if sources and all(isinstance(source, dict) for source in sources):
+        return _embed_rows(predictor, sources, cache, chunk)
+    listed = list(expand_sources(sources))  # names only, so the pass knows its length
+    paths, failed = [], []
+
+    def chunks():
+        for start in range(0, len(listed), chunk):
+            batch = []
+            for path in listed[start:start + chunk]:
+                try:
+                    batch.append(predictor.preprocess(path))
+                    paths.append(path)
+                except Exception:  # noqa: BLE001 - an unreadable file is counted, not fatal
+                    failed.append(path)
+            if batch:
+                yield np.stack(batch)
+
+    logits, features = predictor.run_pass(chunks(), len(listed))
+    if not paths:
+        logits, features = np.zeros((0, len(predictor.classes)), np.float32), np.zeros((0, 0), np.float32)
+    return Embedded(paths, logits, features, failed)
+
+
+def _embed_rows(predictor: Predictor, rows: list[dict], cache, chunk: int) -> Embedded:
+    paths = [row["path"] for row in rows]
+    if cache is not None:
+        image_cache = ImageCache(cache, predictor.size)
+        keys = image_cache.build(paths, [row.get("sha1") or "" for row in rows])
+        load = lambda part: image_cache.stack(keys[part])  # noqa: E731
+    else:
+        load = lambda part: np.stack([predictor.preprocess(p) for p in paths[part]])  # noqa: E731
+    chunks = (load(slice(start, start + chunk)) for start in range(0, len(paths), chunk))
+    return Embedded(paths, *predictor.run_pass(chunks, len(paths)))
 
 
 def as_sources(sources) -> Iterable:

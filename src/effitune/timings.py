@@ -11,6 +11,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import files
+
 FILE = "timings.json"
 
 
@@ -39,10 +41,7 @@ class Timings:
 
     def write(self, folder: str | Path) -> Path:
         path = Path(folder) / FILE
-        temporary = path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(self.to_dict(), indent=2))
-        temporary.replace(path)
-        return path
+        return files.write_text(path, json.dumps(self.to_dict(), indent=2))
 
 
 def read(folder: str | Path) -> dict[str, float] | None:

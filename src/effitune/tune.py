@@ -12,6 +12,7 @@ what tuning gained.
 from __future__ import annotations
 
 import copy
+import functools
 import shutil
 import time
 import warnings
@@ -23,7 +24,7 @@ import lightning as L
 import yaml
 
 from .config import Config, ConfigError, as_config, config_from_dict, load_config, save_config, validate
-from .errors import UserError
+from .errors import Notify, UserError, notifier
 
 # name -> (kind, choices or (low, high)). "size" choices are filled from the data (see size_choices).
 SEARCH_SPACE: dict[str, tuple] = {
@@ -56,7 +57,8 @@ def tune(data: str | Path | None = None, *, out: str | Path = "runs/tune", trial
          budget_min: float | None = None, config: Config | dict | str | None = None,
          manifest: str | Path | None = None,
          params: list[str] | None = None, epochs: int | None = None, seed: int = 0,
-         cache_root: str | Path | None = None, confirm_top: int = 3, confirm_seeds: int = 2) -> TuneResult:
+         cache_root: str | Path | None = None, confirm_top: int = 3, confirm_seeds: int = 2,
+         notify: Notify | None = None) -> TuneResult:
     """Run (or continue) a study of `trials` trials in `out`; return the best and write best.yaml.
 
     `params`: which SEARCH_SPACE entries to tune (default: all). `epochs`: epochs per phase for
@@ -69,10 +71,12 @@ def tune(data: str | Path | None = None, *, out: str | Path = "runs/tune", trial
     accuracy by a point or two: the best single trial is often a lucky draw. So the `confirm_top`
     best trials and the defaults are trained again with `confirm_seeds` more seeds (time allowing)
     and the preset is the best *mean*; when no trial beats the defaults on that mean, best.yaml says
-    so and holds the defaults.
+    so and holds the defaults. `notify` hears one line per trial (default: the `effitune` logger).
     """
     import optuna
 
+    _check_counts(trials, budget_min, confirm_top, confirm_seeds)
+    say = notifier(notify)
     config = None if config is None else as_config(config)
     folder = Path(out)
     started = time.perf_counter()
@@ -93,17 +97,29 @@ def tune(data: str | Path | None = None, *, out: str | Path = "runs/tune", trial
     objective = _Objective(folder, base, space, epochs, deadline, cache_root, size)
     if remaining:
         study.optimize(objective, n_trials=remaining, timeout=_seconds_left(deadline), catch=(UserError,),
-                       callbacks=[_print_trial])
-    confirm_leaders(study, objective, confirm_top, confirm_seeds)
+                       callbacks=[functools.partial(_print_trial, say=say)])
+    confirm_leaders(study, objective, confirm_top, confirm_seeds, say)
     return _summarize(study, folder, base, epochs)
+
+
+def _check_counts(trials: int, budget_min: float | None, confirm_top: int, confirm_seeds: int) -> None:
+    if trials < 1:
+        raise UserError(f"trials (--trials) must be at least 1 (got {trials}).")
+    if budget_min is not None and budget_min <= 0:
+        raise UserError(f"The budget (--budget) is in minutes and must be above 0 (got {budget_min}); leave it out "
+                        "for no limit.")
+    if confirm_top < 0 or confirm_seeds < 0:
+        raise UserError(f"confirm_top and confirm_seeds (--confirm-top, --confirm-seeds) must be 0 or more (got "
+                        f"{confirm_top}, {confirm_seeds}).")
 
 
 # --- the study folder --------------------------------------------------------------------------
 
 def _open_study_folder(folder: Path, data, config: Config | None, manifest) -> Config:
     """base.yaml + manifest.csv are made once; a resumed study must not change them."""
-    from .training.run import RunPaths, _scan_and_split  # the same scan -> duplicate-aware split as `train`
-    from .data.split import read_manifest, write_manifest
+    from .pipeline import scan_and_split  # the same scan -> duplicate-aware split as `train`
+    from .training.run import RunPaths
+    from .data.manifest import read_manifest, write_manifest
 
     base_path, manifest_path = folder / "base.yaml", folder / "manifest.csv"
     if base_path.is_file() and manifest_path.is_file():
@@ -115,7 +131,7 @@ def _open_study_folder(folder: Path, data, config: Config | None, manifest) -> C
         return stored
     config = copy.deepcopy(config) if config is not None else Config()
     folder.mkdir(parents=True, exist_ok=True)
-    rows = read_manifest(manifest) if manifest else _scan_and_split(data, RunPaths(folder), config)
+    rows = read_manifest(manifest) if manifest else scan_and_split(data, RunPaths(folder), config)
     write_manifest(rows, manifest_path)
     save_config(config, base_path)
     return config
@@ -123,7 +139,7 @@ def _open_study_folder(folder: Path, data, config: Config | None, manifest) -> C
 
 def _refuse_other_data(folder: Path, data, manifest) -> None:
     """A continued study keeps its split: DATA or --manifest naming other images would be ignored."""
-    from .data.split import read_manifest
+    from .data.manifest import read_manifest
 
     stored = folder / "manifest.csv"
     if manifest is not None and Path(manifest).resolve() != stored.resolve():
@@ -195,13 +211,13 @@ def _resolve_param(name: str) -> str:
 
 def chosen_size(base: Config, manifest_path: Path) -> tuple[int, int]:
     """(the size `train` would pick for this data, the backbone's native size)."""
-    from .data.split import read_manifest
-    from .training.run import _build_network, _device, choose_image_size
+    from .data.manifest import read_manifest
+    from .training.run import choose_image_size, device_for, network_for
 
     rows = read_manifest(manifest_path)
-    network, _ = _build_network(base, len({row["label"] for row in rows}))
+    network, _ = network_for(base, len({row["label"] for row in rows}))
     native = int(network.backbone.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
-    return int(base.data.image_size or choose_image_size(rows, network, _device(base))), native
+    return int(base.data.image_size or choose_image_size(rows, network, device_for(base))), native
 
 
 def size_choices(chosen: int, native: int) -> list[int]:
@@ -275,7 +291,8 @@ def _set(config: Config, dotted: str, value) -> None:
 
 def run_config(folder: Path, config: Config, name: str, cache_root=None, callbacks: tuple = ()):
     """Train one configuration on the study's split and shared caches (validation only): trials/NAME."""
-    from .training.run import cached_views, train
+    from .pipeline import train
+    from .training.run import cached_views
 
     run_dir = folder / "trials" / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a retried trial starts clean
@@ -343,13 +360,13 @@ def _drop_weights(run_dir: Path) -> None:
         shutil.rmtree(run_dir / name, ignore_errors=True)
 
 
-def _print_trial(study, trial) -> None:
+def _print_trial(study, trial, say: Notify) -> None:
     value = f"{trial.value:.4f}" if trial.state.name == "COMPLETE" else trial.state.name.lower()
     if trial.state.name == "PRUNED" and trial.intermediate_values:
         value = f"pruned at {max(trial.intermediate_values.values()):.4f}"
     best = f"{study.best_value:.4f}" if any(t.value is not None for t in study.trials) else "-"
     shown = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in trial.params.items())
-    console().print(f"trial {trial.number}: {value} (best {best})  {shown}", highlight=False)
+    say(f"trial {trial.number}: {value} (best {best})  {shown}")
 
 
 def _short(value) -> str:
@@ -358,10 +375,11 @@ def _short(value) -> str:
 
 # --- confirming the leaders ---------------------------------------------------------------------------
 
-def confirm_leaders(study, objective: "_Objective", top: int, seeds: int) -> None:
+def confirm_leaders(study, objective: "_Objective", top: int, seeds: int, say: Notify | None = None) -> None:
     """Re-train the defaults and the `top` best trials with `seeds` more training seeds (kept in the study)."""
     import optuna
 
+    say = notifier(say)
     if top < 1 or seeds < 1:
         return
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -374,7 +392,7 @@ def confirm_leaders(study, objective: "_Objective", top: int, seeds: int) -> Non
             if key in scores:
                 continue
             if objective.deadline is not None and time.perf_counter() > objective.deadline:
-                console().print("budget spent: the remaining leaders are judged on fewer seeds")
+                say("budget spent: the remaining leaders are judged on fewer seeds")
                 return
             config = trial_config(objective.base, {"data.image_size": objective.size, **trial.params},
                                   objective.epochs)
@@ -384,19 +402,13 @@ def confirm_leaders(study, objective: "_Objective", top: int, seeds: int) -> Non
             scores[key] = result.metrics["val_acc"]
             study.set_user_attr("confirmation", scores)  # saved at once: an interruption keeps it
         values = confirmed_values(trial, scores)
-        console().print(f"trial {trial.number}: mean validation accuracy {sum(values) / len(values):.4f} over "
-                        f"{len(values)} seeds", highlight=False)
+        say(f"trial {trial.number}: mean validation accuracy {sum(values) / len(values):.4f} over "
+            f"{len(values)} seeds")
 
 
 def confirmed_values(trial, scores: dict) -> list[float]:
     """The trial's own value and those of its re-runs with other seeds."""
     return [trial.value] + [v for k, v in scores.items() if k.split("/")[0] == str(trial.number)]
-
-
-def console():
-    from rich.console import Console
-
-    return Console(stderr=True)
 
 
 # --- the result ------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 import pytest
 
-from effitune.data.split import min_images_per_class, read_manifest, split_records, write_manifest
+from effitune.data.manifest import read_manifest, write_manifest
+from effitune.data.split import min_images_per_class, split_records
 from effitune.errors import UserError
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 
 from effitune.evaluate.calibration import fit_temperature, reliability
-from effitune.predict import softmax
+from effitune.runtime.batching import softmax
 
 
 def overconfident(n=4000, classes=5, seed=0):

@@ -138,11 +138,13 @@ def test_class_names_the_font_lacks_draw_without_warnings(recwarn):
 
 
 def test_a_handed_over_pass_is_used_only_when_it_covers_the_rows(run, tmp_path, monkeypatch):
+    from effitune.data.sources import read_source
     from effitune.evaluate import report
     from effitune.predict import Predictor
 
-    rows, _ = report.labelled_rows(run / "manifest.csv")
-    logits, features = report.embed(Predictor(run / "model"), rows)
+    rows = read_source(run / "manifest.csv").rows
+    embedded = report.embed(Predictor(run / "model"), rows)
+    logits, features = embedded.logits, embedded.features
     paths = [row["path"] for row in rows]
     calls = []
     original = report.embed

@@ -18,14 +18,15 @@ import torch
 from conftest import make_colour_dataset
 
 from effitune import bundle as bundles
-from effitune import export
-from effitune.data.split import manifest_hash, write_manifest
+from effitune.data.manifest import manifest_hash, write_manifest
 from effitune.errors import UserError
 from effitune.export import onnx as onnx_export
 from effitune.export.onnx import export_onnx
+from effitune.runtime import graph
 from effitune.models.backbones import create_backbone
 from effitune.models.network import Network
-from effitune.predict import OnnxEngine, Predictor
+from effitune.predict import Predictor
+from effitune.runtime.engines import OnnxEngine
 
 SIZE = 32
 
@@ -166,12 +167,13 @@ def test_fp16_keeps_float32_inputs_and_passes_its_gate(exported_run, reuse_graph
 
 
 def test_in_memory_engine_reproduces_pytorch_and_leaves_the_network_alone(exported_run):
-    from effitune.predict import TorchEngine, load_network, run_in_batches
+    from effitune.runtime.batching import run_in_batches
+    from effitune.runtime.engines import TorchEngine, load_network
 
     network = load_network(exported_run)
     before = {k: v.clone() for k, v in network.state_dict().items()}
     images = np.random.default_rng(1).integers(0, 256, (12, SIZE, SIZE, 3), dtype=np.uint8)
-    engine = onnx_export.in_memory_engine(network, images)
+    engine = graph.in_memory_engine(network, images)
     assert engine is not None and engine.path is None and not list(exported_run.parent.rglob("*.tmp"))
     assert all(torch.equal(before[k], v) for k, v in network.state_dict().items())
     expected = run_in_batches(TorchEngine(network), images, 4)
@@ -182,19 +184,19 @@ def test_in_memory_engine_reproduces_pytorch_and_leaves_the_network_alone(export
 
 @pytest.mark.parametrize("failure", ["export", "logits", "features"])
 def test_in_memory_engine_gives_way_to_pytorch_with_a_warning(exported_run, monkeypatch, failure):
-    from effitune.predict import load_network
+    from effitune.runtime.engines import load_network
 
     if failure == "export":
-        monkeypatch.setattr(onnx_export, "torchscript_onnx", lambda *a: b"not an onnx graph")
+        monkeypatch.setattr(graph, "torchscript_onnx", lambda *a: b"not an onnx graph")
     elif failure == "logits":
-        monkeypatch.setattr(onnx_export, "TOLERANCES", {"fp32": onnx_export.Tolerance(-1.0, 1.0)})
+        monkeypatch.setattr(graph, "TOLERANCES", {"fp32": graph.Tolerance(-1.0, 1.0)})
     else:  # logits agree, the features (what the unknown-image statistics read) do not
-        check = onnx_export.check_parity
-        monkeypatch.setattr(onnx_export, "check_parity",
+        check = graph.check_parity
+        monkeypatch.setattr(graph, "check_parity",
                             lambda *a: {**check(*a), "max_abs_feature_diff": 1.0})
     images = np.zeros((4, SIZE, SIZE, 3), np.uint8)
     with pytest.warns(UserWarning, match="PyTorch instead of ONNX Runtime"):
-        assert onnx_export.in_memory_engine(load_network(exported_run), images) is None
+        assert graph.in_memory_engine(load_network(exported_run), images) is None
 
 
 @pytest.mark.parametrize("beyond, expected", [(-1, "torch"), (0, "onnx")])
@@ -207,11 +209,12 @@ def test_a_pass_uses_onnx_runtime_only_when_long_enough_to_repay_the_export(expo
 
 def test_evaluate_and_report_passes_run_in_onnx_runtime_with_the_same_results(exported_run, monkeypatch, tmp_path):
     from effitune.evaluate.evaluate import evaluate_bundle
-    from effitune.evaluate.report import embed, labelled_rows
+    from effitune.data.sources import read_source
+    from effitune.predict import embed
 
     copy = copy_run(exported_run, tmp_path / "torch-only")  # no model.onnx: the bundle is served by PyTorch
     manifest = copy.parent / "manifest.csv"
-    rows, _ = labelled_rows(manifest)
+    rows = read_source(manifest).rows
     slow = evaluate_bundle(copy, manifest), embed(Predictor(copy), rows)
     calls = []
     monkeypatch.setattr(Predictor, "long_pass", 1)
@@ -219,25 +222,25 @@ def test_evaluate_and_report_passes_run_in_onnx_runtime_with_the_same_results(ex
     fast = evaluate_bundle(copy, manifest), embed(Predictor(copy), rows)
     assert len(calls) >= 4  # two parity checks and two passes
     assert fast[0]["accuracy"] == slow[0]["accuracy"]
-    np.testing.assert_allclose(fast[1][0], slow[1][0], atol=1e-3)
+    np.testing.assert_allclose(fast[1].logits, slow[1].logits, atol=1e-3)
 
 
 def test_drift_and_unknown_image_passes_run_in_onnx_runtime_with_the_same_results(exported_run, monkeypatch, tmp_path):
-    from effitune import ood
+    from effitune.predict import embed
 
     copy = copy_run(exported_run, tmp_path / "torch-only")
     (tmp_path / "broken.png").write_bytes(b"not an image")
     sources = [exported_run.parent / "data", tmp_path / "broken.png"]
-    slow = ood.embed(Predictor(copy), sources, batch_size=7)
-    assert len(slow[0]) > 7  # several chunks
+    slow = embed(Predictor(copy), sources, chunk=7)
+    assert len(slow.paths) > 7  # several chunks
     calls = []
-    monkeypatch.setattr(Predictor, "long_pass", len(slow[0]))
+    monkeypatch.setattr(Predictor, "long_pass", len(slow.paths))
     monkeypatch.setattr(OnnxEngine, "run", lambda self, images, run=OnnxEngine.run: calls.append(1) or run(self, images))
-    fast = ood.embed(Predictor(copy), sources, batch_size=7)
+    fast = embed(Predictor(copy), sources, chunk=7)
     assert len(calls) > 1  # the parity check, then the pass
-    assert fast[0] == slow[0] and fast[3] == slow[3] == [str(tmp_path / "broken.png")]
-    np.testing.assert_allclose(fast[1], slow[1], atol=1e-3)
-    np.testing.assert_allclose(fast[2], slow[2], atol=1e-3)
+    assert fast.paths == slow.paths and fast.failed == slow.failed == [str(tmp_path / "broken.png")]
+    np.testing.assert_allclose(fast.logits, slow.logits, atol=1e-3)
+    np.testing.assert_allclose(fast.features, slow.features, atol=1e-3)
 
 
 def test_a_pass_goes_on_in_pytorch_when_onnx_runtime_fails_midway(exported_run, monkeypatch):
@@ -307,7 +310,7 @@ def test_server_threads_sharing_a_predictor_export_once(exported_run, monkeypatc
         exports.append(1)
         time.sleep(0.2)
         return None  # as if the check failed: PyTorch
-    monkeypatch.setattr(onnx_export, "in_memory_engine", slow_export)
+    monkeypatch.setattr(graph, "in_memory_engine", slow_export)
     predictor = Predictor(exported_run, backend="torch")
     sample = images(2)
     threads = [threading.Thread(target=predictor.pass_engine, args=(sample, 10_000)) for _ in range(4)]
@@ -341,13 +344,13 @@ def test_legacy_graph_pads_fold_into_the_convolutions_and_the_network_is_left_al
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # portable rewrites only
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(onnx_export.torchscript_onnx(network, 64), options, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(graph.torchscript_onnx(network, 64), options, providers=["CPUExecutionProvider"])
     operations = {node.op_type for node in onnx.load(tmp_path / "optimized.onnx").graph.node}
     assert not operations & {"Pad", "Shape", "Ceil"}, operations
     assert not any("forward" in vars(layer) for layer in network.modules())
     wrapper = torch.nn.Sequential(network)  # a new module trains; torch.onnx would hand that mode to all inside
     network.backbone.classifier.train()  # one layer left training on purpose: it must stay so
-    export.torchscript_graph(wrapper, (images,), ["images"], ["logits"], onnx_export.OPSET)
+    graph.torchscript_graph(wrapper, (images,), ["images"], ["logits"], graph.OPSET)
     assert wrapper.training and network.backbone.classifier.training
     assert not any(layer.training for layer in network.backbone.blocks.modules())
     network.backbone.classifier.eval()
@@ -361,7 +364,7 @@ def test_in_memory_engine_serves_other_backbone_families(name):
     """Training's pass on a CPU uses this engine for any backbone: PyTorch-padded, MobileNet and V2 graphs too."""
     backbone, _ = create_backbone(name, 3, pretrained=False)
     images = np.random.default_rng(3).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
-    assert onnx_export.in_memory_engine(Network(backbone, (0.5,) * 3, (0.5,) * 3).eval(), images) is not None
+    assert graph.in_memory_engine(Network(backbone, (0.5,) * 3, (0.5,) * 3).eval(), images) is not None
 
 
 def test_an_exported_file_from_other_weights_or_damaged_is_refused_or_bypassed(exported_run, tmp_path):

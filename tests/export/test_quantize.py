@@ -10,6 +10,7 @@ from test_onnx import copy_run, exported_run, images  # noqa: F401 - exported_ru
 from effitune import bundle as bundles
 from effitune.errors import UserError
 from effitune.export.quantize import quantize_int8
+from effitune.pipeline import calibrate_unknown
 from effitune.predict import Predictor
 
 
@@ -88,11 +89,10 @@ def test_int8_disagreeing_with_fp32_is_flagged(exported_run, tmp_path, monkeypat
 
 def test_int8_gets_unknown_thresholds_of_its_own(exported_run, tmp_path):
     """INT8 features sit a little apart from the fp32 bank: the thresholds are fitted again on its outputs."""
-    from effitune import ood
-    from effitune.export.onnx import manifest_images
+    from effitune.export.artifacts import manifest_images
 
     bundle = copy_run(exported_run, tmp_path / "run", keep=("model.onnx",))
-    ood.calibrate_bundle(bundle, bundle.parent / "manifest.csv")
+    calibrate_unknown(bundle, bundle.parent / "manifest.csv")
     result = quantize_int8(bundle)
     meta = bundles.read_meta(bundle)
     section, fitted = meta["unknown"], meta["unknown"]["backend_thresholds"]["int8"]
@@ -106,14 +106,12 @@ def test_int8_gets_unknown_thresholds_of_its_own(exported_run, tmp_path):
 
 
 def test_int8_thresholds_follow_the_graph_and_the_statistics(exported_run, tmp_path):
-    from effitune import ood
-
     bundle = copy_run(exported_run, tmp_path / "run", keep=("model.onnx",))
     manifest = bundle.parent / "manifest.csv"
-    ood.calibrate_bundle(bundle, manifest)
+    calibrate_unknown(bundle, manifest)
     quantize_int8(bundle)
     first = bundles.read_meta(bundle)["unknown"]["backend_thresholds"]["int8"]
-    ood.calibrate_bundle(bundle, manifest, target_tpr=0.8)  # new statistics: INT8's thresholds fitted again
+    calibrate_unknown(bundle, manifest, target_tpr=0.8)  # new statistics: INT8's thresholds fitted again
     section = bundles.read_meta(bundle)["unknown"]
     assert section["target_tpr"] == 0.8 and section["backend_thresholds"]["int8"] != first
     lone = shutil.copytree(bundle, tmp_path / "lone")  # no manifest.csv beside it: no validation images

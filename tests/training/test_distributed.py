@@ -36,7 +36,7 @@ def write_images_for_cache(folder: Path, n: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from effitune.training.run import train
+    from effitune.pipeline import train
 
     root = tmp_path_factory.mktemp("ddp")
     data = make_colour_dataset(root / "data")

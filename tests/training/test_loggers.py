@@ -50,7 +50,7 @@ def test_unknown_or_missing_logger_is_a_clear_error():
 
 
 def test_a_missing_logger_package_stops_train_before_any_work(tiny_dataset_module, tmp_path, monkeypatch):
-    from effitune.training.run import train
+    from effitune.pipeline import train
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))

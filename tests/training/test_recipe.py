@@ -4,7 +4,7 @@ import time
 
 from effitune.config import Config
 from effitune.training import recipe
-from effitune.training.run import _fill_epochs, _should_stop_deeper
+from effitune.training.run import _should_stop_deeper, fill_epochs
 from effitune.training.stages import Phase
 
 LITE0_STAGES = 7
@@ -20,7 +20,7 @@ def test_a_gpu_with_data_enough_fine_tunes_every_layer_with_batchnorm():
     assert recipe.auto_depths("auto", None, LITE0_STAGES, "cuda", 42_000) == [-1]
     assert recipe.train_bn(None, -1, 42_000) is True
     config = Config()
-    _fill_epochs(config, 42_000, [-1])
+    fill_epochs(config, 42_000, [-1])
     assert config.train.stage2.epochs == recipe.FULL_FINETUNE_EPOCHS and config.train.stage1.epochs == 8
 
 
@@ -36,7 +36,7 @@ def test_explicit_settings_win():
     assert recipe.train_bn(False, -1, 42_000) is False and recipe.train_bn(True, 1, 100) is True
     config = Config()
     config.train.stage2.epochs = 4
-    _fill_epochs(config, 42_000, [-1])
+    fill_epochs(config, 42_000, [-1])
     assert config.train.stage2.epochs == 4
 
 

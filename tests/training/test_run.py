@@ -3,7 +3,8 @@ import time
 
 from effitune.config import Config, load_config
 from effitune.training.callbacks import read_history
-from effitune.training.run import _fill_epochs, _should_stop_deeper, train
+from effitune.pipeline import train
+from effitune.training.run import _should_stop_deeper, fill_epochs
 from effitune.training.stages import Phase
 
 
@@ -40,12 +41,12 @@ def test_auto_respects_time_budget_and_fixed_depths():
 
 def test_epochs_and_stage2_lr_defaults():
     config = Config()
-    _fill_epochs(config, 500)
+    fill_epochs(config, 500)
     assert config.train.stage1.epochs == 20 and config.train.stage2.epochs == 20
     assert config.train.stage2.lr == config.train.stage1.lr * config.train.lr_factor
     big = Config()
     big.train.stage1.epochs = 3
-    _fill_epochs(big, 50_000)
+    fill_epochs(big, 50_000)
     assert big.train.stage1.epochs == 3 and big.train.stage2.epochs == 8
 
 
@@ -87,7 +88,7 @@ def test_the_network_sees_each_image_once_after_training(tiny_dataset_module, tm
     ONNX Runtime after a parity check on a few val images in PyTorch."""
     from effitune import predict
     from effitune.evaluate import report
-    from effitune.predict import OnnxEngine, TorchEngine
+    from effitune.runtime.engines import OnnxEngine, TorchEngine
 
     seen = {"torch": [], "onnx": []}
     for name, engine in (("torch", TorchEngine), ("onnx", OnnxEngine)):
@@ -110,9 +111,9 @@ def test_without_onnx_the_pass_runs_in_pytorch_and_the_run_finishes(tiny_dataset
     import pytest
 
     from effitune import predict
-    from effitune.predict import TorchEngine
+    from effitune.runtime.engines import TorchEngine
 
-    monkeypatch.setitem(sys.modules, "effitune.export.onnx", None)  # `import` now raises ImportError
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
     monkeypatch.setattr(predict.Predictor, "long_pass", 1)  # 60 images: long enough to try ONNX Runtime
     seen = []
     monkeypatch.setattr(TorchEngine, "run", lambda self, images, run=TorchEngine.run:
@@ -128,13 +129,13 @@ def test_onnx_runtime_failing_mid_pass_costs_time_not_the_run(tiny_dataset_modul
     import pytest
 
     from effitune import predict
-    from effitune.export import onnx as onnx_export
+    from effitune.runtime import graph
 
     class Failing:
         def run(self, images):
             raise RuntimeError("ORT went away")
 
-    monkeypatch.setattr(onnx_export, "in_memory_engine", lambda network, images: Failing())
+    monkeypatch.setattr(graph, "in_memory_engine", lambda network, images: Failing())
     monkeypatch.setattr(predict.Predictor, "long_pass", 1)
     with pytest.warns(UserWarning, match="ORT went away.*PyTorch"):
         result = train(tiny_dataset_module, out=tmp_path / "run", config=tiny_cpu_config(),
@@ -155,7 +156,7 @@ def split_manifest(data, folder, val: float, test: float):
 def test_a_split_without_validation_or_with_an_untrainable_class_is_refused_up_front(tiny_dataset_module, tmp_path):
     import pytest
 
-    from effitune.data.split import read_manifest, write_manifest
+    from effitune.data.manifest import read_manifest, write_manifest
     from effitune.errors import UserError
 
     no_val = split_manifest(tiny_dataset_module, tmp_path / "noval", val=0, test=0)
@@ -169,12 +170,47 @@ def test_a_split_without_validation_or_with_an_untrainable_class_is_refused_up_f
         train(out=tmp_path / "run", manifest=tmp_path / "typo.csv", config=tiny_cpu_config(), progress=False)
 
 
-def test_without_a_test_split_the_run_says_it_was_not_tested(tiny_dataset_module, tmp_path, capsys):
+def test_without_a_test_split_the_run_says_it_was_not_tested(tiny_dataset_module, tmp_path):
+    import pytest
+
+    from effitune.errors import EffituneWarning
+
     manifest = split_manifest(tiny_dataset_module, tmp_path / "notest", val=0.25, test=0)
-    result = train(out=tmp_path / "run", manifest=manifest, config=tiny_cpu_config(), progress=False)
-    said = " ".join(capsys.readouterr().err.split())
-    assert "the split has no test images" in said and "no test images: not tested" in said and "nan" not in said
+    said = []
+    with pytest.warns(EffituneWarning, match="the split has no test images"):
+        result = train(out=tmp_path / "run", manifest=manifest, config=tiny_cpu_config(), progress=False,
+                       notify=said.append)
+    assert "no test images: not tested" in " ".join(said) and "nan" not in " ".join(said)
     assert "accuracy" not in result.metrics and (result.bundle / "weights.safetensors").is_file()
+
+
+def test_a_notebook_can_turn_effitunes_training_warnings_into_errors(tiny_dataset_module, tmp_path):
+    """`warnings.simplefilter("error")` makes the warning an exception, before any training starts."""
+    import warnings
+
+    import pytest
+
+    from effitune.errors import EffituneWarning
+
+    manifest = split_manifest(tiny_dataset_module, tmp_path / "notest", val=0.25, test=0)
+    said = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(EffituneWarning, match="the split has no test images"):
+            train(out=tmp_path / "run", manifest=manifest, config=tiny_cpu_config(), progress=False,
+                  notify=said.append)
+    assert not any("val accuracy" in line for line in said)  # stopped before the first phase
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_resume_takes_the_runs_own_settings_and_refuses_others(tmp_path):
+    import pytest
+
+    from effitune.errors import UserError
+
+    for given in ({"config": {"train.stage1.epochs": 1}}, {"data": tmp_path}, {"manifest": tmp_path / "m.csv"}):
+        with pytest.raises(UserError, match=f"{next(iter(given))} cannot change them"):
+            train(resume=tmp_path / "run", **given)
 
 
 def test_train_takes_a_dict_config_from_a_notebook(tiny_dataset_module, tmp_path):

@@ -22,7 +22,7 @@ from rich.text import Text
 from ..config import DataConfig
 from ..errors import UserError
 from .scan import ScanResult, iter_records, printable
-from .split import read_manifest
+from .manifest import read_manifest
 
 _MAX_DISTANCE = 32  # beyond half the bits, unrelated images match
 _PAIR_BLOCK = 1 << 22  # bound on the pairs compared at once inside one bucket
@@ -329,7 +329,7 @@ def _load(records: str | Path | ScanResult | Iterable[dict]) -> list[dict]:
         if Path(records).is_dir() or Path(records).suffix.lower() == ".csv":  # a data folder or CSV: scan it first
             from .scan import scan
 
-            records = scan(records, progress=False).records_path
+            records = scan(records).records_path
         if not Path(records).is_file():
             raise UserError(f"Scan records {records} do not exist. Create them with `effitune scan DATA --out DIR`, "
                             "or pass the data folder.")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .. import files
 from .. import distributed
 from ..errors import UserError
 from . import rowio
@@ -72,10 +73,9 @@ class ImageCache:
                           files={k: tuple(v) for k, v in raw.get("files", {}).items()})
 
     def _write_index(self) -> None:
-        temporary = self.folder / f"index.json.{uuid.uuid4().hex}.tmp"
-        temporary.write_text(json.dumps({"shards": self.index.shards, "entries": self.index.entries,
-                                         "files": self.index.files}))
-        temporary.replace(self.folder / "index.json")
+        files.write_text(self.folder / "index.json", json.dumps({"shards": self.index.shards,
+                                                                 "entries": self.index.entries,
+                                                                 "files": self.index.files}))
 
     def __contains__(self, key: str) -> bool:
         return key in self.index.entries

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import stat
-import sys
 import tempfile
 import warnings
 from collections import Counter
@@ -26,9 +25,7 @@ from typing import Any, Callable, Iterator
 
 import imagehash
 from PIL import Image, ImageFile, ImageStat, UnidentifiedImageError
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from .. import distributed
@@ -51,6 +48,7 @@ _CHUNKSIZE = 16
 _MAX_WARNINGS = 20
 
 Task = tuple[str, str, "str | None"]  # absolute path, label, split
+Progress = Callable[[int, "int | None"], None]  # (files checked, files in all)
 Unit = tuple[str, str, "str | None"]  # a class folder, its label, its split
 
 
@@ -390,10 +388,20 @@ class ScanResult:
                     f"remove its {'rows' if self.layout == 'csv' else 'folder'}." for label in self.empty_classes]
         return left_out + _look_alike_classes(list(self.per_class)) + self.warnings
 
+    def rejected_files(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """The rejected files in scan order, each {path, label, reason, detail}: the first `limit` (None: all)."""
+        found: list[dict[str, Any]] = []
+        for record in iter_records(self.records_path):
+            if limit is not None and len(found) >= limit:
+                break
+            if record["status"] == "rejected":
+                found.append({key: record.get(key) for key in ("path", "label", "reason", "detail")})
+        return found
+
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
         values.update(records_path=str(self.records_path), root=str(self.root), empty_classes=self.empty_classes,
-                      notices=self.notices)
+                      notices=self.notices, rejected_files=self.rejected_files())
         return values
 
     def summary_table(self) -> Table:
@@ -448,7 +456,7 @@ class _Tally:
 
 # ------------------------------------------------------------------------------------------ scan
 def scan(data: str | Path, *, out: str | Path | None = None, config: DataConfig | None = None,
-         workers: int | None = None, progress: bool = True, sharded: bool = False,
+         workers: int | None = None, progress: Progress | None = None, sharded: bool = False,
          min_classes: int = 2) -> ScanResult:
     """Check every image under `data` and write one record per file to `out/records.jsonl`.
 
@@ -457,6 +465,7 @@ def scan(data: str | Path, *, out: str | Path | None = None, config: DataConfig 
     `out` defaults to a fresh temporary folder. `sharded`: every rank of a distributed run calls this
     together (same `out`) and checks its share of the files; every rank gets the same result.
     `min_classes`: 1 to read labelled images of one class (evaluation), 2 for training.
+    `progress(done, total)`: called after every file (the total is counted first, by a cheap walk).
     """
     config = config or DataConfig()
     root = Path(os.path.abspath(data))
@@ -471,19 +480,18 @@ def scan(data: str | Path, *, out: str | Path | None = None, config: DataConfig 
     if sharded and distributed.world_size() > 1:
         return _scan_sharded(root, layout, units, skipped, records_path, config, workers or config.workers)
 
-    show = progress and sys.stderr.isatty()
-    total = sum(1 for _ in make_tasks(_Walker())) if show else None  # a second, cheap walk
+    total = sum(1 for _ in make_tasks(_Walker())) if callable(progress) else None  # a second, cheap walk
     check = functools.partial(check_file, max_pixels=config.max_pixels, min_side=config.min_side)
     walker, tally = _Walker(skipped=skipped), _Tally()
     partial_path = records_path.with_suffix(".jsonl.partial")
     try:
-        with open(partial_path, "w", encoding="ascii") as stream, _mapper(workers or config.workers) as mapper, \
-                _progress_bar(show, total) as advance:
-            for record in mapper(check, make_tasks(walker)):
+        with open(partial_path, "w", encoding="ascii") as stream, _mapper(workers or config.workers) as mapper:
+            for done, record in enumerate(mapper(check, make_tasks(walker)), 1):
                 # ensure_ascii keeps undecodable file names (lone surrogates) as \udcXX: a lossless round trip.
                 stream.write(json.dumps(record, ensure_ascii=True) + "\n")
                 tally.add(record)
-                advance()
+                if callable(progress):
+                    progress(done, total)
     except BaseException:
         partial_path.unlink(missing_ok=True)
         raise
@@ -536,14 +544,6 @@ def _mapper(workers: int | None) -> Iterator[Callable]:
         return
     with Pool(workers) as pool:  # created before the progress thread starts: fork stays safe
         yield functools.partial(pool.imap, chunksize=_CHUNKSIZE)
-
-
-@contextlib.contextmanager
-def _progress_bar(show: bool, total: int | None) -> Iterator[Callable[[], None]]:
-    columns = (TextColumn("Scanning"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not show) as bar:
-        task = bar.add_task("scan", total=total)
-        yield lambda: bar.advance(task)
 
 
 def _result(records_path: Path, root: Path, layout: str, labels: list[str], tally: _Tally,

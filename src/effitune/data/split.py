@@ -6,8 +6,6 @@ split, so the test accuracy is never inflated by an image the model saw while tr
 """
 from __future__ import annotations
 
-import csv
-import hashlib
 import math
 from collections import Counter
 from pathlib import Path
@@ -17,9 +15,9 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from ..errors import UserError
+from .manifest import write_manifest
+from .scan import Progress
 
-MANIFEST_COLUMNS = ("path", "label", "split", "sha1", "width", "height")
-SPLITS = ("train", "val", "test")
 
 
 def min_images_per_class(val: float, test: float) -> int:
@@ -30,7 +28,7 @@ def min_images_per_class(val: float, test: float) -> int:
 
 
 def split(data: str | Path | list[dict], *, out: str | Path | None = None, val: float = 0.15, test: float = 0.15,
-          seed: int = 0, near_duplicate_distance: int = 4, progress: bool = False,
+          seed: int = 0, near_duplicate_distance: int = 4, progress: Progress | None = None,
           notify: Callable[[str], None] | None = None) -> tuple[list[dict], list[str]]:
     """`effitune split` from Python: scan DATA (a folder or CSV; or pass scan records), split it
     duplicate-aware and return (manifest rows, notices: class folders left out, look-alike images across
@@ -185,50 +183,3 @@ def _check_class_sizes(records: list[dict], group_labels: list[str], val: float,
 def _row(record: dict, part: str) -> dict:
     return {"path": record["path"], "label": record["label"], "split": part, "sha1": record["sha1"],
             "width": record["width"], "height": record["height"]}
-
-
-def manifest_order(row: dict) -> tuple:
-    """The order of manifest rows (split, label, path): a run trains on its rows in this order, so a run
-    started from a folder and one started from its manifest see the same images in the same order."""
-    return SPLITS.index(row["split"]), row["label"], row["path"]
-
-
-def write_manifest(rows: list[dict], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".csv.tmp")
-    with open(temporary, "w", newline="", encoding="utf-8", errors="surrogateescape") as stream:
-        writer = csv.DictWriter(stream, fieldnames=MANIFEST_COLUMNS)
-        writer.writeheader()
-        writer.writerows(sorted(rows, key=manifest_order))
-    temporary.replace(path)
-    return path
-
-
-def read_manifest(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"Manifest {path} does not exist. Create it with `effitune split DATA --out DIR`.")
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as stream:
-        reader = csv.DictReader(stream)
-        missing = set(MANIFEST_COLUMNS) - set(reader.fieldnames or ())
-        if missing:
-            raise UserError(f"{path} is not an effitune manifest: missing columns {sorted(missing)}.")
-        rows = list(reader)
-    for row in rows:
-        if row["split"] not in SPLITS:
-            raise UserError(f"{path}: split {row['split']!r} for {row['path']} must be one of {SPLITS}.")
-        row["width"], row["height"] = int(row["width"]), int(row["height"])
-    return rows
-
-
-def manifest_hash(path: str | Path) -> str:
-    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
-
-
-def split_counts(rows: list[dict]) -> dict[str, dict[str, int]]:
-    """{split: {label: count}}"""
-    table: dict[str, Counter] = {part: Counter() for part in SPLITS}
-    for row in rows:
-        table[row["split"]][row["label"]] += 1
-    return {part: dict(sorted(counts.items())) for part, counts in table.items()}

@@ -397,12 +397,13 @@ def audit_data(bundle: str | Path, data: str | Path, *, manifest: str | Path | N
                device: str = "cpu", cache: str | Path | None = None,
                similarity: float = SIMILARITY) -> DataAudit:
     """Run the bundle over every labelled image in `data` and audit them (`effitune audit DATA --model`)."""
-    from ..predict import Predictor
-    from .report import embed, labelled_rows
+    from ..data.sources import read_source
+    from ..predict import Predictor, embed
 
-    rows, records = labelled_rows(data, manifest=manifest)
+    source = read_source(data, manifest=manifest)
+    rows, records = source.rows, source.records
     predictor = Predictor(bundle, device=device)
-    _, features = embed(predictor, rows, cache=cache)
+    features = embed(predictor, rows, cache=cache).features
     features = features[:, :predictor.pooled_dim]  # the pooled features (not the frozen-prefix part)
     return audit_features(features, [r["label"] for r in rows], [r["path"] for r in rows],
                           splits=[r.get("split") for r in rows],

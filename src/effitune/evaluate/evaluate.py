@@ -8,41 +8,12 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import read_meta
-from ..data.split import MANIFEST_COLUMNS, manifest_hash, read_manifest
-from ..errors import UserError
-from ..predict import Predictor, softmax
+from ..data.manifest import manifest_hash, read_manifest
+from ..data.sources import labelled_rows
+from ..errors import EffituneWarning, UserError
+from ..predict import Predictor
+from ..runtime.batching import softmax
 from .metrics import classification_metrics
-
-
-def labelled_paths(data: str | Path, split: str | None = None) -> list[tuple[str, str]]:
-    """(path, label) of labelled images: a manifest's or split CSV's `split` (default test), a split
-    folder's (train/ val/ test/, default test), or all of a plain folder or CSV (`split` must be None)."""
-    return [(row["path"], row["label"]) for row in labelled_rows(data, split)]
-
-
-def labelled_rows(data: str | Path, split: str | None = None) -> list[dict]:
-    """`labelled_paths` as rows (path, label, sha1 where known)."""
-    data = Path(data)
-    if data.suffix == ".csv" and data.is_file():
-        with open(data, encoding="utf-8", errors="surrogateescape") as stream:
-            header = stream.readline()
-        if set(MANIFEST_COLUMNS) <= {name.strip().lower() for name in header.split(",")}:  # a manifest
-            rows = [r for r in read_manifest(data) if r["split"] == (split or "test")]
-            if not rows:
-                raise UserError(f"{data} has no rows in split '{split or 'test'}'. Use --split train|val|test.")
-            return rows
-    from ..data.scan import load_ok_records, scan
-
-    records = load_ok_records(scan(data, progress=False, min_classes=1).records_path)
-    if not any(r.get("split") for r in records):
-        if split is not None:
-            raise UserError(f"{data} is not split (no train/ val/ test/ folders, no split column): it is "
-                            f"evaluated whole. Leave out --split {split}, or pass the run's manifest.csv.")
-        return records
-    chosen = [r for r in records if r.get("split") == (split or "test")]
-    if not chosen:
-        raise UserError(f"{data} has no images in its '{split or 'test'}' split. Use --split train|val|test.")
-    return chosen
 
 
 def trained_on(bundle: str | Path, rows: list[dict]) -> int:
@@ -61,7 +32,8 @@ def trained_on(bundle: str | Path, rows: list[dict]) -> int:
 
 def evaluate_bundle(bundle: str | Path, data: str | Path, split: str | None = None,
                     predictor: Predictor | None = None) -> dict:
-    """Metrics of `bundle` on labelled images (`labelled_paths`); `trained_on`: how many of them the
+    """Metrics of `bundle` on labelled images (`data.sources.labelled_rows`: a split source's `split`,
+    default test, or an unsplit one whole); `trained_on`: how many of them the
     model was trained or validated on (a warning says so when any)."""
     predictor = predictor or Predictor(bundle)
     rows = labelled_rows(data, split)
@@ -70,7 +42,7 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, split: str | None = No
     if seen:
         warnings.warn(f"{seen} of the {len(pairs)} images in {data} trained or validated this model (they are in "
                       f"the train/val split of {Path(bundle).parent / 'manifest.csv'}): the accuracy is optimistic. "
-                      "Evaluate on the run's test split: effitune evaluate BUNDLE RUN/manifest.csv.", stacklevel=2)
+                      "Evaluate on the run's test split: effitune evaluate BUNDLE RUN/manifest.csv.", EffituneWarning, stacklevel=2)
     unknown = sorted({label for _, label in pairs} - set(predictor.classes))
     if unknown:
         raise UserError(f"{data} has classes the model does not know: {unknown[:5]}. The bundle knows "

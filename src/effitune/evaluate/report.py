@@ -14,95 +14,30 @@ import csv
 import html
 import json
 import math
-import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from .. import files
+from .. import timings as run_timings
 from ..bundle import read_meta
-from ..errors import UserError
+from ..data.sources import read_source
+from ..errors import EffituneWarning, UserError
+from ..predict import Embedded, Predictor, embed
+from ..runtime.batching import softmax
 from . import plots
 from .data_audit import NEIGHBOURS
-from .. import timings as run_timings
 
 MISTAKES_SHOWN = 24
 CONFUSED_PAIRS = 10
 _AUDIT_SHOWN = 12
 _THUMBNAIL = 112
-_CHUNK = 256  # images decoded and held in RAM at a time
 
 
 # ------------------------------------------------------------------------------------ the data
-def labelled_rows(data: str | Path, manifest: str | Path | None = None) -> tuple[list[dict], dict[str, dict] | None]:
-    """(rows with path, label, split, sha1; scan records by normalised path, or None) for any data source.
-
-    `data`: a manifest.csv (its splits, and the records.jsonl beside it if there is one), a
-    records.jsonl, or a DATA folder / CSV (scanned now). `manifest` overrides the splits.
-    """
-    from ..data.scan import iter_records, scan
-    from ..data.split import read_manifest
-
-    data = Path(data)
-    if not data.exists():
-        raise UserError(f"{data} does not exist. Pass a DATA folder, a CSV of path,label or a manifest.csv.")
-    records = None
-    if data.suffix == ".csv" and _is_manifest(data):
-        rows = read_manifest(data)
-        beside = data.parent / "records.jsonl"
-        records = list(iter_records(beside)) if beside.is_file() else None
-    else:
-        records_path = data if data.suffix == ".jsonl" else scan(data, progress=False).records_path
-        records = list(iter_records(records_path))
-        rows = [{"path": r["path"], "label": r["label"], "split": r.get("split"), "sha1": r.get("sha1")}
-                for r in records if r["status"] == "ok"]
-    if manifest is not None:
-        split_of = {os.path.normpath(r["path"]): r["split"] for r in read_manifest(manifest)}
-        rows = [{**row, "split": split_of.get(os.path.normpath(row["path"]))} for row in rows]
-    if not rows:
-        raise UserError(f"{data} holds no usable labelled images.")
-    by_path = {os.path.normpath(r["path"]): r for r in records if r.get("status") == "ok"} if records else None
-    return rows, by_path
-
-
-def _is_manifest(path: Path) -> bool:
-    with open(path, encoding="utf-8", errors="surrogateescape") as stream:
-        return "split" in stream.readline()
-
-
-@dataclass(frozen=True)
-class Embedded:
-    """(logits, features) the bundle's network already gave for `paths`: training hands its pass over."""
-    paths: list[str]
-    logits: np.ndarray
-    features: np.ndarray
-
-    def covers(self, rows: Sequence[dict]) -> bool:
-        return len(rows) == len(self.paths) and all(
-            os.path.normpath(row["path"]) == os.path.normpath(path) for row, path in zip(rows, self.paths))
-
-
-def embed(predictor, rows: Sequence[dict], cache: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, pooled features) for every row, `_CHUNK` images in RAM at a time.
-
-    `cache`: an ImageCache root (as training uses) so that images resized once are not decoded again.
-    """
-    paths = [row["path"] for row in rows]
-    if cache is not None:
-        from ..data.cache import ImageCache
-
-        image_cache = ImageCache(cache, predictor.size)
-        keys = image_cache.build(paths, [row.get("sha1") or "" for row in rows])
-        load = lambda part: image_cache.stack(keys[part])  # noqa: E731
-    else:
-        load = lambda part: np.stack([predictor.preprocess(p) for p in paths[part]])  # noqa: E731
-    chunks = (load(slice(start, start + _CHUNK)) for start in range(0, len(paths), _CHUNK))
-    return predictor.run_pass(chunks, len(paths))  # ONNX Runtime on a CPU when it agrees with PyTorch
-
-
 def read_history(bundle: Path) -> list[dict]:
     """The bundle's copy of history.csv, else the run's; [] when neither exists."""
     for path in (bundle / "history.csv", bundle.parent / "history.csv"):
@@ -128,8 +63,6 @@ def evaluation_split(rows: Sequence[dict]) -> str:
 
 
 def evaluate_rows(rows: Sequence[dict], logits: np.ndarray, classes: list[str], temperature: float) -> Evaluation:
-    from ..predict import softmax
-
     split = evaluation_split(rows)
     indices = np.array([i for i, row in enumerate(rows) if split == "all" or row.get("split") == split], dtype=int)
     unknown = sorted({rows[i]["label"] for i in indices} - set(classes))
@@ -178,7 +111,6 @@ def write_report(bundle: str | Path, data: str | Path | None = None, out: str | 
     `out`: default `RUN/report` beside the bundle. `cache`: an ImageCache root to reuse resized images.
     `embedded`: this bundle's outputs for the data's rows, when already computed (else computed here).
     """
-    from ..predict import Predictor
     from .calibration import reliability
     from .data_audit import audit_features, image_metadata
     from .metrics import classification_metrics
@@ -191,13 +123,13 @@ def write_report(bundle: str | Path, data: str | Path | None = None, out: str | 
         raise UserError(f"No data to report on: {data} does not exist. Pass the DATA folder or manifest.csv the "
                         "model was trained on.")
     out = Path(out) if out is not None else bundle.parent / "report"
-    rows, records = labelled_rows(data)
+    source = read_source(data)
+    rows, records = source.rows, source.records
     predictor = Predictor(bundle, device=device)
     classes, temperature = predictor.classes, predictor.temperature
-    if embedded is not None and embedded.covers(rows):
-        logits, features = embedded.logits, embedded.features
-    else:
-        logits, features = embed(predictor, rows, cache=cache)
+    if embedded is None or not embedded.covers(rows):
+        embedded = embed(predictor, rows, cache=cache)
+    logits, features = embedded.logits, embedded.features
     features = features[:, :predictor.pooled_dim]  # the audit reads the pooled features
     evaluation = evaluate_rows(rows, logits, classes, temperature)
     paths = [row["path"] for row in rows]
@@ -235,16 +167,13 @@ def report_after_training(run_dir: str | Path, *, device: str = "cpu", cache: st
     """The end of `train()`: the bundle is already in place, so a failing report warns and nothing is lost."""
     import warnings
 
-    from rich.console import Console
-
     run_dir = Path(run_dir)
     try:
         path = write_report(run_dir / "model", out=run_dir / "report", device=device, cache=cache, embedded=embedded)
     except Exception as error:  # noqa: BLE001 - the report is a view of the model, never worth the model
         warnings.warn(f"The training report was not written ({type(error).__name__}: {error}). The model bundle "
-                      f"is complete; try again with `effitune report {run_dir / 'model'}`.", stacklevel=2)
+                      f"is complete; try again with `effitune report {run_dir / 'model'}`.", EffituneWarning, stacklevel=2)
         return None
-    Console(stderr=True).print(f"report: {path}")
     return path
 
 
@@ -330,10 +259,7 @@ def _json_safe(value: Any) -> Any:
 
 
 def _write_atomic(path: Path, text: str) -> Path:
-    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    temporary.write_text(text, encoding="utf-8")
-    temporary.replace(path)
-    return path
+    return files.write_text(path, text)
 
 
 # ------------------------------------------------------------------------------------------ HTML

@@ -16,7 +16,8 @@ from rich.table import Table
 
 from ..bundle import WEIGHTS_FILE, read_meta
 from ..errors import UserError
-from ..predict import Predictor, available_cores
+from ..predict import Predictor
+from ..runtime.engines import available_cores
 from . import ONNX_FILES
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import uuid
 import warnings
 from pathlib import Path
 
@@ -21,12 +20,15 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+from .. import files
 from ..bundle import read_meta, update_meta
-from ..errors import UserError
+from ..errors import EffituneWarning, UserError
 from ..ood import load_detector, thresholds_for
-from ..predict import OnnxEngine, run_in_batches, to_model_input
-from . import ONNX_FILES
-from .onnx import INPUT, as_images, manifest_images, record_export
+from ..runtime.batching import run_in_batches, to_model_input
+from ..runtime.engines import OnnxEngine
+from ..runtime import ONNX_FILES
+from ..runtime.graph import INPUT
+from .artifacts import as_images, manifest_images, record_export
 
 CALIBRATION_IMAGES = 200
 FEW_CALIBRATION_IMAGES = 32  # fewer: the INT8 file is written, with a warning
@@ -49,16 +51,12 @@ def quantize_int8(bundle: str | Path, calibration: str | Path | None = None, *, 
         raise UserError(f"{source} is missing: run `effitune export {bundle} --format onnx --int8` (the fp32 "
                         "export comes first and is what gets quantized).")
     calibration_set, described = calibration_images(bundle, meta, calibration, images)
-    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
     detector = load_detector(bundle, meta)
-    try:
+    with files.replacing(target) as temporary:
         settings = quantize_file(source, temporary, calibration_set, per_channel, keep_stem_float)
         thresholds = unknown_thresholds(bundle, meta, detector, OnnxEngine(temporary))
         accuracy = compare(bundle, meta, OnnxEngine(source), OnnxEngine(temporary), calibration_set, detector,
                            thresholds)
-        temporary.replace(target)
-    finally:
-        temporary.unlink(missing_ok=True)
     result = {"file": target.name, "bytes": target.stat().st_size, "onnx_bytes": source.stat().st_size,
               "calibration": {"images": len(calibration_set), "source": described}, "settings": settings, **accuracy}
     if (accuracy.get("drop_points") or 0) > WARN_DROP_POINTS:
@@ -76,7 +74,7 @@ def quantize_int8(bundle: str | Path, calibration: str | Path | None = None, *, 
                "typical training images with --calibration")
         result["warning"] = f"{result['warning']}. {few}" if "warning" in result else few
     if "warning" in result:
-        warnings.warn(result["warning"], stacklevel=2)
+        warnings.warn(result["warning"], EffituneWarning, stacklevel=2)
     store_int8_thresholds(bundle, record_export(bundle, int8=result), thresholds)
     return result
 
@@ -116,7 +114,7 @@ def unknown_thresholds(bundle: Path, meta: dict, detector, engine: OnnxEngine, l
     found = manifest_images(bundle, meta, "val", limit)
     if found is None:
         warnings.warn(f"no validation images next to {bundle} (manifest.csv): the INT8 graph uses the fp32 "
-                      "unknown-image thresholds, which may reject a few more known images", stacklevel=3)
+                      "unknown-image thresholds, which may reject a few more known images", EffituneWarning, stacklevel=3)
         return None
     return thresholds_for(detector.scores(*run_in_batches(engine, found[0], 32)), detector.section["target_tpr"])
 

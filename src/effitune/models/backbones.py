@@ -19,7 +19,7 @@ from timm.models.efficientnet import EfficientNet
 from timm.models.mobilenetv3 import MobileNetV3
 from torch import nn
 
-from ..errors import UserError
+from ..errors import EffituneWarning, UserError
 from . import pretrained as weights_sources
 
 SPLITTABLE = (EfficientNet, MobileNetV3)
@@ -49,7 +49,7 @@ _REGISTRY: dict[str, BackboneInfo] = {}
 
 def register_backbone(info: BackboneInfo) -> BackboneInfo:
     if info.name in _REGISTRY:
-        warnings.warn(f"backbone {info.name!r} registered twice; the later entry replaces the first",
+        warnings.warn(f"backbone {info.name!r} registered twice; the later entry replaces the first", EffituneWarning,
                       stacklevel=2)
     _REGISTRY[info.name] = info
     return info

@@ -64,3 +64,21 @@ class Network(nn.Module):
     def head(self, features: torch.Tensor) -> torch.Tensor:
         """Dropout + the linear classifier, applied to pooled features (stage 1 trains only this)."""
         return self.backbone.get_classifier()(self.dropout(features))
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def build_network(backbone: str, num_classes: int, *, weights: str | None = None, pretrained: bool = True,
+                  drop_rate: float = 0.2, mean=None, std=None) -> tuple[Network, str]:
+    """The one factory of networks: timm `backbone` with a fresh `num_classes` head, inside a Network.
+
+    (network, where its weights came from). Training builds it with pretrained weights; a bundle
+    (`runtime.engines.network_from_meta`) without them and with its stored `mean`/`std`, then loads its
+    own. Normalization defaults to the backbone's pretrained config.
+    """
+    model, source = backbones.create_backbone(backbone, num_classes, weights=weights, pretrained=pretrained,
+                                              drop_rate=drop_rate)
+    cfg = model.pretrained_cfg
+    return Network(model, tuple(mean or cfg.get("mean", IMAGENET_MEAN)), tuple(std or cfg.get("std", IMAGENET_STD))), \
+        source

@@ -32,6 +32,7 @@ from ..data.datamodule import ImageDataset, collate_batched
 from ..data.transforms import splitmix64
 from ..models import backbones
 from ..models.network import Network
+from ..errors import EffituneWarning
 
 POOLED = "pooled"
 SEEDING = 2  # how augmented views are seeded (`view_seed`); caches seeded otherwise are computed again
@@ -80,7 +81,7 @@ def onnx_capture(network: Network, depths: list[int], size: int, spin: bool = Tr
         import onnxruntime as ort
     except ImportError:
         return None
-    from ..export import torchscript_graph
+    from ..runtime.graph import torchscript_graph
 
     module = _CaptureModule(network.cpu().eval(), depths).eval()
     try:
@@ -91,7 +92,7 @@ def onnx_capture(network: Network, depths: list[int], size: int, spin: bool = Tr
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - an exporter gap must not stop training: eager still works
-        warnings.warn(f"frozen layers run in PyTorch eager (ONNX export failed: {type(error).__name__}: {error})")
+        warnings.warn(f"frozen layers run in PyTorch eager (ONNX export failed: {type(error).__name__}: {error})", EffituneWarning)
         return None
 
     def run(images: torch.Tensor) -> dict[str, np.ndarray]:
@@ -100,10 +101,10 @@ def onnx_capture(network: Network, depths: list[int], size: int, spin: bool = Tr
     try:
         difference = _largest_difference(run, module, size)
     except Exception as error:  # noqa: BLE001 - as above: eager still works
-        warnings.warn(f"frozen layers run in PyTorch eager (ONNX Runtime failed: {type(error).__name__}: {error})")
+        warnings.warn(f"frozen layers run in PyTorch eager (ONNX Runtime failed: {type(error).__name__}: {error})", EffituneWarning)
         return None
     if difference > 1e-3:
-        warnings.warn(f"frozen layers run in PyTorch eager (ONNX Runtime differs from it by up to {difference:.1e})")
+        warnings.warn(f"frozen layers run in PyTorch eager (ONNX Runtime differs from it by up to {difference:.1e})", EffituneWarning)
         return None
     return run
 

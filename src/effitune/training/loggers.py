@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config import LOGGERS
 from ..errors import UserError
-
-LOGGERS = ("csv", "tensorboard", "mlflow")
 _PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
 
 
