@@ -196,6 +196,14 @@ def test_internal_errors_are_500_without_details(predictor):
     assert "secret" not in response.text and "Traceback" not in response.text
 
 
+def wait_until(condition, seconds: float = 30) -> None:
+    """Wait for `condition` (another thread's progress); the bound is a failure, never the pass criterion."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
 def test_concurrent_requests_share_a_batch(predictor):
     spy = Spy(predictor)
     spy.release.clear()
@@ -205,7 +213,7 @@ def test_concurrent_requests_share_a_batch(predictor):
         assert spy.started.wait(10)  # the only worker is busy: the next five requests queue up together
         queued = [background.submit(client.post, f"/predict?top_k={1 + i % 3}", files=upload(blob))
                   for i, blob in enumerate(blobs[:5])]
-        time.sleep(0.3)
+        wait_until(lambda: client.app.state.pool.queued == 5)  # all five arrived: none left to a timer
         spy.release.set()
         responses = [future.result(10) for future in [holder, *queued]]
     assert all(r.status_code == 200 for r in responses)

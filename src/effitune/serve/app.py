@@ -85,6 +85,11 @@ class InferencePool:
     def release(self) -> None:
         self.admitted -= 1
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a worker now."""
+        return len(self._waiting) if self._loop is not None else 0
+
     def start(self) -> None:
         """Bind to the running event loop (again, if the app moved to another loop, as test clients do)."""
         loop = asyncio.get_running_loop()
