@@ -32,6 +32,16 @@ def test_round_trip_same_logits(tmp_path):
     assert not list(tmp_path.glob(".model*"))  # no staging folders left behind
 
 
+def test_preprocessing_is_typed_and_reads_older_bundles(tmp_path):
+    save_random_bundle(tmp_path / "model", size=40)  # size, mean and std only, as older bundles wrote
+    prep = Predictor(tmp_path / "model").preprocessing
+    assert prep == bundles.Preprocessing(40, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert prep.interpolation == "bicubic" and "center crop" in prep.resize
+    written = prep.to_dict()
+    assert json.loads(json.dumps(written)) == written and written["mean"] == [0.5] * 3
+    assert bundles.Preprocessing.from_meta({"preprocessing": written}) == prep
+
+
 def test_saving_over_an_existing_bundle_is_atomic(tmp_path):
     save_random_bundle(tmp_path / "model")
     save_random_bundle(tmp_path / "model", classes=("x", "y"))

@@ -13,6 +13,7 @@ import math
 import shutil
 import time
 import uuid
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -26,6 +27,28 @@ from .errors import UserError
 FORMAT_VERSION = 2  # 2: `features` may carry the frozen-prefix part (`embedding`) and knn-frozen
 META_FILE = "effitune.json"
 WEIGHTS_FILE = "weights.safetensors"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the network's input: effitune.json's `preprocessing` (as timm's
+    `PretrainedCfg` travels with a timm model). Every reader of a bundle takes it from here."""
+    size: int  # image side in pixels: the shorter side is resized to it, then a centre crop size x size
+    mean: tuple[float, float, float]  # per-channel normalization, applied inside the network
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize: str = "shorter side to size, then center crop size x size"  # data.images.resize_center_crop
+    input: str = "float32 RGB in [0, 1], NCHW (normalization is inside the model)"
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Preprocessing":
+        """From a bundle's metadata as `read_meta` returns it (checked there); older bundles lack the texts."""
+        prep = meta["preprocessing"]
+        known = {key: prep[key] for key in ("interpolation", "resize", "input") if key in prep}
+        return cls(int(prep["size"]), tuple(map(float, prep["mean"])), tuple(map(float, prep["std"])), **known)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
 
 
 def library_versions() -> dict[str, str]:

@@ -240,10 +240,8 @@ def _evaluate_and_bundle(fitted: Fitted, config: Config, paths: RunPaths, starte
     say = notifier(say)
     meta = {
         "classes": classes, "backbone": config.model.backbone, "weight_source": fitted.weight_source,
-        "preprocessing": {"size": config.data.image_size, "mean": network.mean.flatten().tolist(),
-                          "std": network.std.flatten().tolist(), "interpolation": "bicubic",
-                          "resize": "shorter side to size, then center crop size x size",
-                          "input": "float32 RGB in [0, 1], NCHW (normalization is inside the model)"},
+        "preprocessing": bundles.Preprocessing(config.data.image_size, tuple(network.mean.flatten().tolist()),
+                                               tuple(network.std.flatten().tolist())).to_dict(),
         "config": config.to_dict(), "manifest_sha1": manifest_hash(paths.manifest),
         "split_counts": split_counts(read_manifest(paths.manifest)), "phases": phase_log,
         "embedding": _embedding(network, phase_log),

@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from .bundle import WEIGHTS_FILE, read_meta, weights_fingerprint
+from .bundle import WEIGHTS_FILE, Preprocessing, read_meta, weights_fingerprint
 from .data.cache import ImageCache
 from .data.images import IMAGE_EXTENSIONS, is_url, load_for_model
 from .errors import EffituneWarning, UserError
@@ -67,7 +67,8 @@ class Predictor:
         self.folder = Path(folder)
         self.meta = read_meta(self.folder)
         self.classes: list[str] = list(self.meta["classes"])
-        self.size: int = int(self.meta["preprocessing"]["size"])
+        self.preprocessing = Preprocessing.from_meta(self.meta)
+        self.size: int = self.preprocessing.size
         self.temperature: float = float(self.meta.get("temperature") or 1.0)
         # features are [pooled | pooled frozen prefix] (Network.embedding); None: pooled only (older bundles)
         self.pooled_dim: int | None = self.meta.get("embedding", {}).get("pooled_dim")

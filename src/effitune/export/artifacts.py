@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle import read_meta, update_meta, weights_fingerprint
+from ..bundle import Preprocessing, read_meta, update_meta, weights_fingerprint
 from ..data.images import load_for_model
 from ..data.manifest import manifest_hash, read_manifest
 from ..errors import EffituneWarning, UserError
@@ -33,7 +33,7 @@ def record_export(bundle: Path, **sections: dict) -> dict:
 
 def parity_images(bundle: Path, meta: dict, samples=None, limit: int = PARITY_IMAGES) -> tuple[np.ndarray, str]:
     """Images to compare on: `samples`, else the run's own images, else noise (with a warning)."""
-    size = int(meta["preprocessing"]["size"])
+    size = Preprocessing.from_meta(meta).size
     if samples is not None:
         images = as_images(samples, size)
         return images, "given images"
@@ -78,7 +78,7 @@ def manifest_images(bundle: Path, meta: dict, split: str, limit: int | None,
     rows = [row for row in read_manifest(path) if row["split"] == split and row["label"] in classes]
     labels = np.array([classes.index(row["label"]) for row in rows], dtype=np.int64)
     chosen = stratified_sample(labels, limit, seed) if limit else np.arange(len(rows))
-    images, readable = load_images([rows[i]["path"] for i in chosen], int(meta["preprocessing"]["size"]))
+    images, readable = load_images([rows[i]["path"] for i in chosen], Preprocessing.from_meta(meta).size)
     return (images, labels[chosen][readable]) if len(images) else None
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
-from ..bundle import WEIGHTS_FILE, read_meta
+from ..bundle import WEIGHTS_FILE, Preprocessing, read_meta
 from ..errors import UserError
 from ..predict import Predictor
 from ..runtime.engines import available_cores
@@ -31,7 +31,7 @@ def benchmark(bundles: list[str | Path], *, runs: int = 50, warmup: int = 10, ba
         meta = read_meta(bundle)
         for backend in backends or available_backends(bundle):
             engine = Predictor(bundle, backend=backend).engine
-            timing = measure(engine, int(meta["preprocessing"]["size"]), runs, warmup, batch_size)
+            timing = measure(engine, Preprocessing.from_meta(meta).size, runs, warmup, batch_size)
             rows.append({**describe(bundle, meta, backend), **timing})
     return rows
 
@@ -49,7 +49,7 @@ def describe(bundle: Path, meta: dict, backend: str) -> dict:
                 "int8": exported.get("int8", {}).get("accuracy")}[backend]
     file = bundle / (WEIGHTS_FILE if backend == "torch" else ONNX_FILES[backend])
     return {"bundle": str(bundle), "model": f"{meta['backbone'].replace('tf_efficientnet_', '')} "
-            f"{meta['preprocessing']['size']}px", "backend": backend, "file": file.name,
+            f"{Preprocessing.from_meta(meta).size}px", "backend": backend, "file": file.name,
             "bytes": file.stat().st_size, "accuracy": accuracy}
 
 

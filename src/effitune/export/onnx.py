@@ -23,7 +23,7 @@ import onnx
 import torch
 
 from .. import files
-from ..bundle import read_meta
+from ..bundle import Preprocessing, read_meta
 from ..data.images import is_url
 from ..errors import EffituneWarning, UserError
 from ..models.network import Network
@@ -34,7 +34,6 @@ from ..runtime.graph import INPUT, OPSET, OUTPUTS, TOLERANCES, LogitsAndFeatures
 from ..version import __version__
 from .artifacts import manifest_images, parity_images, record_export
 
-DEFAULT_RESIZE = "shorter side to size, then center crop size x size"  # data.images.resize_center_crop
 
 
 def export_onnx(bundle: str | Path, *, int8: bool = False, fp16: bool = False,
@@ -56,7 +55,7 @@ def export_onnx(bundle: str | Path, *, int8: bool = False, fp16: bool = False,
                         "images.")
     network = load_network(bundle, meta)
     images, described = parity_images(bundle, meta, samples)
-    model, exporter = to_onnx(network, int(meta["preprocessing"]["size"]))  # before TorchEngine: NCHW layout
+    model, exporter = to_onnx(network, Preprocessing.from_meta(meta).size)  # before TorchEngine: NCHW layout
     reference = run_in_batches(TorchEngine(network), images, 32)
     add_metadata(model, meta)
     info = {"exporter": exporter, "opset": OPSET, "torch": torch.__version__}
@@ -101,9 +100,9 @@ def to_onnx(network: Network, size: int) -> tuple[onnx.ModelProto, str]:
 
 def add_metadata(model: onnx.ModelProto, meta: dict) -> None:
     """Preprocessing and classes as metadata_props (JSON values), readable by any ONNX consumer."""
-    prep = meta["preprocessing"]
-    props = {"size": prep["size"], "mean": prep["mean"], "std": prep["std"],
-             "interpolation": prep.get("interpolation", "bicubic"), "resize": prep.get("resize", DEFAULT_RESIZE),
+    prep = Preprocessing.from_meta(meta)
+    props = {"size": prep.size, "mean": list(prep.mean), "std": list(prep.std),
+             "interpolation": prep.interpolation, "resize": prep.resize,
              "input": "float32 RGB in [0, 1], NCHW; normalization (mean/std) is inside the graph",
              "outputs": "logits (N, classes); features (N, D [+ P]): pooled penultimate features [then the "
                         "pooled output of the layers training left frozen]",
@@ -112,7 +111,7 @@ def add_metadata(model: onnx.ModelProto, meta: dict) -> None:
              "backbone": meta["backbone"]}
     onnx.helper.set_model_props(model, {key: json.dumps(value) for key, value in props.items()})
     model.producer_name, model.producer_version = "effitune", __version__
-    model.doc_string = f"effitune {meta['backbone']} classifier, {len(meta['classes'])} classes, {prep['size']} px"
+    model.doc_string = f"effitune {meta['backbone']} classifier, {len(meta['classes'])} classes, {prep.size} px"
 
 
 def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:

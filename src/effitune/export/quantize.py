@@ -21,7 +21,7 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 from .. import files
-from ..bundle import read_meta, update_meta
+from ..bundle import Preprocessing, read_meta, update_meta
 from ..errors import EffituneWarning, UserError
 from ..ood import load_detector, thresholds_for
 from ..runtime.batching import run_in_batches, to_model_input
@@ -120,7 +120,7 @@ def unknown_thresholds(bundle: Path, meta: dict, detector, engine: OnnxEngine, l
 
 
 def calibration_images(bundle: Path, meta: dict, calibration, limit: int) -> tuple[np.ndarray, str]:
-    size = int(meta["preprocessing"]["size"])
+    size = Preprocessing.from_meta(meta).size
     if calibration is not None:
         images = as_images(calibration, size)
         return images[np.random.default_rng(0).permutation(len(images))[:limit]], str(calibration)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..bundle import read_meta, read_weights
+from ..bundle import Preprocessing, read_meta, read_weights
 from ..errors import UserError
 from ..models.network import Network, build_network
 from . import ONNX_FILES
@@ -22,9 +22,9 @@ from .batching import to_model_input
 
 def network_from_meta(meta: dict) -> Network:
     """The bundle's network without its weights: backbone, classes and preprocessing from effitune.json."""
-    prep = meta["preprocessing"]
-    network, _ = build_network(meta["backbone"], len(meta["classes"]), pretrained=False, mean=prep["mean"],
-                               std=prep["std"])
+    prep = Preprocessing.from_meta(meta)
+    network, _ = build_network(meta["backbone"], len(meta["classes"]), pretrained=False, mean=prep.mean,
+                               std=prep.std)
     network.frozen_depth = meta.get("embedding", {}).get("frozen_depth")  # bundles before it: pooled only
     return network
 
