@@ -39,12 +39,14 @@ class Preprocessing:
     interpolation: str = "bicubic"
     resize: str = "shorter side to size, then center crop size x size"  # data.images.resize_center_crop
     input: str = "float32 RGB in [0, 1], NCHW (normalization is inside the model)"
+    decode: str = ("EXIF-oriented RGB; a JPEG decoded reduced in the DCT (1/2, 1/4 or 1/8) to the smallest scale "
+                   "whose shorter side is at least 2 x size (Pillow's draft), other formats whole")
 
     @classmethod
     def from_meta(cls, meta: dict) -> "Preprocessing":
         """From a bundle's metadata as `read_meta` returns it (checked there); older bundles lack the texts."""
         prep = meta["preprocessing"]
-        known = {key: prep[key] for key in ("interpolation", "resize", "input") if key in prep}
+        known = {key: prep[key] for key in ("interpolation", "resize", "input", "decode") if key in prep}
         return cls(int(prep["size"]), tuple(map(float, prep["mean"])), tuple(map(float, prep["std"])), **known)
 
     def to_dict(self) -> dict:

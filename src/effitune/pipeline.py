@@ -34,7 +34,7 @@ from .models.backbones import feature_dim
 from .predict import Embedded, Predictor, embed, expand_sources
 from .runtime.batching import softmax
 from .training.loggers import require_loggers
-from .training.run import Fitted, RunPaths, device_for, fit, plan_for, quiet_lightning
+from .training.run import Fitted, RunPaths, device_for, fit, image_cache, plan_for, quiet_lightning, scan_cache_plan
 from .training.stages import Phase
 
 
@@ -85,7 +85,7 @@ def train(data: str | Path | None = None, *, out: str | Path = "runs/run", confi
         return distributed.launch(train, plan.per_node, **arguments)
     distributed.init(plan.device)
     say = say if distributed.is_main() else _silent
-    paths, config, rows = _open_run(data, out, config, manifest, resume, timer, say)
+    paths, config, rows = _open_run(data, out, config, manifest, resume, timer, say, cache_root)
     paths.shared_features = Path(features_dir) if features_dir else None
     fitted = fit(rows, config, paths, cache_root=cache_root, progress=progress, callbacks=callbacks, started=started,
                  timer=timer, notify=say)
@@ -137,7 +137,7 @@ def _check_unknown_dir(unknown_dir) -> None:
                         "leave the option out.")
 
 
-def _open_run(data, out, config, manifest, resume, timer=None, say: Notify | None = None
+def _open_run(data, out, config, manifest, resume, timer=None, say: Notify | None = None, cache_root=None
               ) -> tuple[RunPaths, Config, list[dict]]:
     if resume is not None:
         paths = RunPaths(resume)
@@ -155,7 +155,8 @@ def _open_run(data, out, config, manifest, resume, timer=None, say: Notify | Non
     paths.root.mkdir(parents=True, exist_ok=True)
     config = config or Config()
     try:
-        rows = sorted(read_manifest(manifest) if manifest else scan_and_split(data, paths, config, timer, say),
+        rows = sorted(read_manifest(manifest) if manifest else scan_and_split(data, paths, config, timer, say,
+                                                                              cache_root),
                       key=manifest_order)
         _check_splits(rows, manifest or data)
     except (UserError, KeyboardInterrupt):
@@ -191,13 +192,20 @@ def _check_splits(rows: list[dict], source) -> None:
                       "above 0, default 0.15, to measure it).", EffituneWarning, stacklevel=4)
 
 
-def scan_and_split(data, paths: RunPaths, config: Config, timer=None, say: Notify | None = None) -> list[dict]:
-    """Scan `data` into the run folder and split it duplicate-aware (`train` and `tune` alike)."""
+def scan_and_split(data, paths: RunPaths, config: Config, timer=None, say: Notify | None = None,
+                   cache_root: str | Path | None = None) -> list[dict]:
+    """Scan `data` into the run folder and split it duplicate-aware (`train` and `tune` alike).
+
+    The scan's one decode of each image also fills the resize-once cache under `cache_root` at the
+    size training will use, where that is known (`scan_cache_plan`), so training decodes it no more.
+    """
     if data is None:
         raise UserError("Nothing to train on: pass a DATA folder (one subfolder per class), a CSV, or --manifest.")
     timer = timer or run_timings.Timings()
+    size, from_side = scan_cache_plan(config)
     with timer.step("scan"):
-        result = scan(data, out=paths.root, config=config.data, workers=config.data.workers, sharded=True)
+        result = scan(data, out=paths.root, config=config.data, workers=config.data.workers, sharded=True,
+                      cache=image_cache(config, cache_root, size) if size else None, cache_from_side=from_side)
     for notice in result.notices:
         warnings.warn(notice, EffituneWarning, stacklevel=4)
 

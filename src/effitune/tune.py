@@ -83,7 +83,7 @@ def tune(data: str | Path | None = None, *, out: str | Path = "runs/tune", trial
     if config is not None and (str(config.train.devices) not in ("auto", "1") or (config.train.num_nodes or 1) > 1):
         raise UserError("tune runs its trials one after another in this process: leave train.devices at auto or 1 "
                         "and train.num_nodes unset (train the best preset on several devices afterwards).")
-    base = _open_study_folder(folder, data, config, manifest)
+    base = _open_study_folder(folder, data, config, manifest, cache_root)
     size, native = chosen_size(base, folder / "manifest.csv")
     space = _space(params, size, native)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial comes from _print_trial
@@ -115,7 +115,7 @@ def _check_counts(trials: int, budget_min: float | None, confirm_top: int, confi
 
 # --- the study folder --------------------------------------------------------------------------
 
-def _open_study_folder(folder: Path, data, config: Config | None, manifest) -> Config:
+def _open_study_folder(folder: Path, data, config: Config | None, manifest, cache_root=None) -> Config:
     """base.yaml + manifest.csv are made once; a resumed study must not change them."""
     from .pipeline import scan_and_split  # the same scan -> duplicate-aware split as `train`
     from .training.run import RunPaths
@@ -131,7 +131,8 @@ def _open_study_folder(folder: Path, data, config: Config | None, manifest) -> C
         return stored
     config = copy.deepcopy(config) if config is not None else Config()
     folder.mkdir(parents=True, exist_ok=True)
-    rows = read_manifest(manifest) if manifest else scan_and_split(data, RunPaths(folder), config)
+    rows = read_manifest(manifest) if manifest else scan_and_split(data, RunPaths(folder), config,
+                                                                   cache_root=cache_root)
     write_manifest(rows, manifest_path)
     save_config(config, base_path)
     return config

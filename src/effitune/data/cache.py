@@ -140,6 +140,10 @@ class ImageCache:
         temporary.replace(self.folder / name)
         return _Shard(name, keys, files)
 
+    def writer(self, rows_per_shard: int = 256) -> "CacheWriter":
+        """Add images decoded elsewhere (the scan's one decode): `with cache.writer() as w: w.add(...)`."""
+        return CacheWriter(self, rows_per_shard)
+
     def _add(self, shard: _Shard) -> None:
         if shard.name is None:
             return
@@ -214,6 +218,56 @@ class ImageCache:
         state = self.__dict__.copy()
         state["_maps"] = {}
         return state
+
+
+class CacheWriter:
+    """Writes `(path, sha1, pixels)` entries into new shard files of at most `rows_per_shard` rows
+    (memory stays at one shard's worth); the index is written on close. An entry whose content is
+    cached already is skipped; pixels must be what `load_for_model(path, cache.size)` returns."""
+
+    def __init__(self, cache: ImageCache, rows_per_shard: int):
+        self.cache, self.rows_per_shard = cache, max(1, rows_per_shard)
+        self._rows: list[np.ndarray] = []
+        self._keys: list[str] = []
+        self._files: dict[str, tuple] = {}
+        self.added = 0
+
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is None:
+            self.close()
+
+    def add(self, path: str, sha1: str, pixels: np.ndarray) -> None:
+        if pixels.shape != (self.cache.size, self.cache.size, 3) or pixels.dtype != np.uint8:
+            raise ValueError(f"{path}: cache entries are uint8 ({self.cache.size}, {self.cache.size}, 3), "
+                             f"not {pixels.dtype} {pixels.shape}")
+        stamp = _stamp(path)
+        if stamp is not None:
+            self._files[path] = (*stamp, sha1)
+        if sha1 in self.cache.index.entries or sha1 in self._keys:
+            return
+        self._rows.append(pixels)
+        self._keys.append(sha1)
+        if len(self._rows) >= self.rows_per_shard:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._rows:
+            return
+        cache = self.cache
+        name = f"shard-{len(cache.index.shards):05d}-{uuid.uuid4().hex[:8]}.npy"
+        with files.replacing(cache.folder / name, suffix=".npy") as temporary:
+            np.save(temporary, np.stack(self._rows), allow_pickle=False)
+        cache._add(_Shard(name, self._keys, {}))
+        self.added += len(self._keys)
+        self._rows, self._keys = [], []
+
+    def close(self) -> None:
+        self._flush()
+        self.cache.index.files.update(self._files)
+        self.cache._write_index()
 
 
 def _stamp(path: str) -> tuple[int, int | str] | None:

@@ -6,6 +6,7 @@ about what an image looks like.
 from __future__ import annotations
 
 import io
+import math
 import re
 import warnings
 from pathlib import Path
@@ -35,6 +36,12 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 # `s3://…`, `gs://…`, `https://…`, `memory://…`, `file://…`: a scheme of two letters or more, so a
 # Windows drive (C:\) is never taken for one.
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
+# A JPEG is decoded at the smallest DCT scale (1/1, 1/2, 1/4 or 1/8) whose shorter side is still at
+# least this many times the side it is resized to (Pillow's thumbnail keeps the same margin,
+# reducing_gap 2.0): a 12-MP photo bound for 224 px decodes at 1/4, about 3x faster, and the
+# bicubic resize after it sees twice the pixels it keeps. Training, prediction and serving share it
+# (None: decode whole, as effitune did before; benchmarks/photo_ingest.py compares the two).
+DECODE_MARGIN = 2
 
 
 def is_url(source: object) -> bool:
@@ -89,23 +96,57 @@ def _stretch(array: np.ndarray, mode: str) -> np.ndarray:
     return np.full(array.shape, np.clip(round(lo * 255.0 / nominal), 0, 255), dtype=np.uint8)
 
 
-def load_rgb(source: str | Path | bytes, max_pixels: int | None = None) -> Image.Image:
-    """Decode fully, apply EXIF orientation (first frame of animations) and return RGB.
+def load_rgb(source: str | Path | bytes, max_pixels: int | None = None, at_least: int | None = None) -> Image.Image:
+    """Decode, apply EXIF orientation (first frame of animations) and return RGB (`decode`)."""
+    return decode(source, max_pixels, at_least)[0]
 
+
+def decode(source: str | Path | bytes, max_pixels: int | None = None, at_least: int | None = None,
+           header: dict | None = None) -> tuple[Image.Image, dict]:
+    """(the EXIF-oriented RGB image, what the file says of itself), from one opening and one decode.
+
+    The file's own account: `format`, `mode`, `size` (as stored, before orientation), `frames`,
+    `orientation` (the EXIF tag, or None) and `transparency`. `at_least`: a JPEG is reduced while it
+    is decoded (in the DCT, `reduced_decode`) to the smallest scale whose shorter side is still at
+    least this; every byte of the file is still decoded, so a truncated file fails as it would in
+    full. Other formats, and None, decode at full size. `header`: a dict to fill as the file is read,
+    so a caller still knows what the file said when its pixels fail to decode.
     Raises the usual PIL/OS errors; callers turn them into user-facing reasons.
     """
+    header = {} if header is None else header
     if is_url(source):
         source = read_bytes(source)  # fetched whole once: decoders seek, remote streams may not
     stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     with Image.open(stream) as image:
+        header.update(format=image.format, mode=image.mode, size=image.size, transparency="transparency" in image.info)
         if max_pixels is not None and image.width * image.height > max_pixels:
             raise Image.DecompressionBombError(
                 f"{image.width}x{image.height} = {image.width * image.height} pixels exceeds the limit {max_pixels}"
             )
+        header["frames"] = getattr(image, "n_frames", 1)
         image.seek(0)
+        if at_least is not None:
+            reduced_decode(image, at_least)
         image.load()
+        orientation = image.getexif().get(EXIF_ORIENTATION_TAG)  # after the load: a PNG's EXIF may follow its pixels
+        header["orientation"] = orientation if isinstance(orientation, int) else None
         oriented = ImageOps.exif_transpose(image)
-        return to_rgb(oriented if oriented is not None else image).copy()
+        return to_rgb(oriented if oriented is not None else image).copy(), header
+
+
+def decode_side(size: int) -> int | None:
+    """The shorter side a JPEG bound for `size` px is decoded at, at least (None: whole)."""
+    return DECODE_MARGIN * size if DECODE_MARGIN else None
+
+
+def reduced_decode(image: Image.Image, at_least: int) -> None:
+    """Ask an opened, not yet loaded JPEG to decode at 1/2, 1/4 or 1/8 scale where its shorter side
+    stays >= `at_least` (Pillow's `draft`); any other format ignores it."""
+    shorter = min(image.size)
+    if shorter <= at_least:
+        return
+    factor = at_least / shorter
+    image.draft(None, (max(1, math.ceil(image.width * factor)), max(1, math.ceil(image.height * factor))))
 
 
 def resize_center_crop(image: Image.Image, size: int, resample: int = Image.Resampling.BICUBIC) -> Image.Image:
@@ -131,13 +172,17 @@ def resize_center_crop(image: Image.Image, size: int, resample: int = Image.Resa
 
 def load_for_model(source: str | Path | bytes | Image.Image | np.ndarray, size: int,
                    max_pixels: int | None = None) -> np.ndarray:
-    """File, bytes, PIL image or image array -> uint8 array (size, size, 3), what the model expects."""
+    """File, bytes, PIL image or image array -> uint8 array (size, size, 3), what the model expects.
+
+    A JPEG file decodes reduced to at least `DECODE_MARGIN` x `size` (`reduced_decode`), the same in
+    the resize cache, prediction and serving; an already decoded PIL image or array is resized as it is.
+    """
     if isinstance(source, Image.Image):
         image = to_rgb(ImageOps.exif_transpose(source) or source)
     elif isinstance(source, np.ndarray):
         image = image_from_array(source)
     else:
-        image = load_rgb(source, max_pixels=max_pixels)
+        image = load_rgb(source, max_pixels=max_pixels, at_least=decode_side(size))
     return np.asarray(resize_center_crop(image, size), dtype=np.uint8)
 
 

@@ -21,9 +21,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import imagehash
+import numpy as np
 from PIL import Image, ImageFile, ImageStat, UnidentifiedImageError
 from rich.markup import escape
 from rich.table import Table
@@ -31,7 +32,11 @@ from rich.table import Table
 from .. import distributed
 from ..config import DataConfig
 from ..errors import UserError
-from .images import EXIF_ORIENTATION_TAG, IMAGE_EXTENSIONS, NEEDS_PLUGIN, is_image_name, is_url, load_rgb, read_bytes
+from .images import (IMAGE_EXTENSIONS, NEEDS_PLUGIN, decode, decode_side, is_image_name, is_url, read_bytes,
+                     resize_center_crop)
+
+if TYPE_CHECKING:
+    from .cache import ImageCache
 
 RECORDS_FILE = "records.jsonl"
 REASONS = ("missing file", "unreadable", "empty file", "not an image", "truncated or corrupt",
@@ -45,6 +50,9 @@ NOTE_KINDS = {"animated:": "animated", "extension": "extension mismatch", "mode"
 _SAME_FORMAT = {"MPO": "JPEG"}  # multi-picture JPEGs from cameras are still JPEGs
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _CHUNKSIZE = 16
+# The hashes (32x32 and 9x8 resizes) and the mean colour need few pixels: a JPEG decodes reduced to
+# about this shorter side (images.reduced_decode), every byte still read, so corruption is still found.
+HASH_DECODE_SIDE = 256
 _MAX_WARNINGS = 20
 
 Task = tuple[str, str, "str | None"]  # absolute path, label, split
@@ -60,6 +68,14 @@ def printable(text: str) -> str:
 # --------------------------------------------------------------------------------------- one file
 def check_file(task: Task, *, max_pixels: int, min_side: int) -> dict[str, Any]:
     """Check one file (runs in a worker process); never raises for a bad file."""
+    return check_and_resize(task, max_pixels=max_pixels, min_side=min_side)[0]
+
+
+def check_and_resize(task: Task, *, max_pixels: int, min_side: int, size: int | None = None,
+                     from_side: int = 0) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Check one file and, from the same decode, its resize-once cache entry at `size`: a good image
+    whose shorter side is at least `from_side` gets exactly what `load_for_model(path, size)` returns
+    (decoded at the same reduced scale), any other one None. Never raises for a bad file."""
     path, label, split = task
     record: dict[str, Any] = {
         "path": path, "label": label, "split": split, "status": "ok", "reason": None, "detail": None,
@@ -82,29 +98,35 @@ def check_file(task: Task, *, max_pixels: int, min_side: int) -> dict[str, Any]:
         return _reject(record, "unreadable", f"cannot read the URL: {type(error).__name__}: {error}")
     if record["bytes"] == 0:
         return _reject(record, "empty file", "the file has 0 bytes")
+    header: dict[str, Any] = {}  # what the file says of itself, as far as it was read
     with _strict_pillow(max_pixels):
         try:
-            header = _read_header(path if data is None else data)
-            record.update({key: header[key] for key in ("mode", "format", "orientation", "frames")})
-            record["width"], record["height"] = width, height = header["size"]
-            if width * height > max_pixels:
-                return _reject(record, "decompression bomb",
-                               f"{width}x{height} = {width * height} pixels is over max_pixels {max_pixels}")
-            image = load_rgb(path if data is None else data, max_pixels=max_pixels)
+            resize = size is not None and _shorter_side(path if data is None else data) >= from_side
+            image, header = decode(path if data is None else data, max_pixels=max_pixels,
+                                   at_least=decode_side(size) if resize else HASH_DECODE_SIDE, header=header)
         except UnidentifiedImageError:
             return _reject(record, "not an image", _unidentified_detail(path))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             return _reject(record, "decompression bomb", _bomb_detail(error, max_pixels))
         except Exception as error:  # every decoder failure means the same thing to the user
-            return _reject(record, "truncated or corrupt", f"{type(error).__name__}: {error}")
-    record["width"], record["height"] = image.size
+            return _reject(_described(record, header), "truncated or corrupt", f"{type(error).__name__}: {error}")
+    _described(record, header)
+    record["width"], record["height"] = oriented_size(header["size"], header["orientation"])
     record["phash"] = str(imagehash.phash(image))
     record["dhash"] = str(imagehash.dhash(image))  # second, independent hash: confirms phash matches
     record["mean_rgb"] = [round(value, 2) for value in ImageStat.Stat(image).mean]
     record["notes"] = _notes(path, header)
-    if min(image.size) < min_side:
-        return _reject(record, "too small", f"{image.width}x{image.height}: shorter side under min_side {min_side}")
-    return record
+    if min(record["width"], record["height"]) < min_side:
+        return _reject(record, "too small", f"{record['width']}x{record['height']}: shorter side under min_side "
+                       f"{min_side}")
+    return record, (np.asarray(resize_center_crop(image, size), dtype=np.uint8) if resize else None)
+
+
+def oriented_size(stored: tuple[int, int], orientation: int | None) -> tuple[int, int]:
+    """The full image's (width, height) as shown: EXIF orientations 5-8 turn it a quarter
+    (`ImageOps.exif_transpose`); the decoded image may be reduced, so its own size is not it."""
+    width, height = stored
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def _size_and_sha1(path: str) -> tuple[int, str]:
@@ -133,9 +155,9 @@ def _bomb_detail(error: Exception, max_pixels: int) -> str:
     return f"{pixels} is over max_pixels {max_pixels} (raise data.max_pixels if the image is genuine)"
 
 
-def _reject(record: dict[str, Any], reason: str, detail: str) -> dict[str, Any]:
+def _reject(record: dict[str, Any], reason: str, detail: str) -> tuple[dict[str, Any], None]:
     record.update(status="rejected", reason=reason, detail=detail)
-    return record
+    return record, None
 
 
 @contextlib.contextmanager
@@ -151,15 +173,18 @@ def _strict_pillow(max_pixels: int) -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = saved
 
 
-def _read_header(source: str | bytes) -> dict[str, Any]:
+def _described(record: dict[str, Any], header: dict[str, Any]) -> dict[str, Any]:
+    """The record with what the file said of itself (format, mode, stored size, frames, orientation)."""
+    record.update({key: header[key] for key in ("mode", "format", "frames", "orientation") if key in header})
+    if "size" in header:
+        record["width"], record["height"] = header["size"]
+    return record
+
+
+def _shorter_side(source: str | bytes) -> int:
+    """The stored image's shorter side, from its header (no pixels decoded)."""
     with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-        orientation = image.getexif().get(EXIF_ORIENTATION_TAG)
-        return {
-            "format": image.format, "mode": image.mode, "size": image.size,
-            "frames": getattr(image, "n_frames", 1),
-            "orientation": orientation if isinstance(orientation, int) else None,
-            "transparency": "transparency" in image.info,
-        }
+        return min(image.size)
 
 
 def _notes(path: str, header: dict[str, Any]) -> list[str]:
@@ -457,7 +482,7 @@ class _Tally:
 # ------------------------------------------------------------------------------------------ scan
 def scan(data: str | Path, *, out: str | Path | None = None, config: DataConfig | None = None,
          workers: int | None = None, progress: Progress | None = None, sharded: bool = False,
-         min_classes: int = 2) -> ScanResult:
+         min_classes: int = 2, cache: "ImageCache | None" = None, cache_from_side: int = 0) -> ScanResult:
     """Check every image under `data` and write one record per file to `out/records.jsonl`.
 
     `data`: a folder with one sub-folder per class (optionally inside train/ val/ test/), or a CSV
@@ -466,6 +491,8 @@ def scan(data: str | Path, *, out: str | Path | None = None, config: DataConfig 
     together (same `out`) and checks its share of the files; every rank gets the same result.
     `min_classes`: 1 to read labelled images of one class (evaluation), 2 for training.
     `progress(done, total)`: called after every file (the total is counted first, by a cheap walk).
+    `cache`: an `ImageCache` that the same decode fills for every good image whose shorter side is at
+    least `cache_from_side`, so training decodes none of them again (not in a sharded scan).
     """
     config = config or DataConfig()
     root = Path(os.path.abspath(data))
@@ -481,15 +508,19 @@ def scan(data: str | Path, *, out: str | Path | None = None, config: DataConfig 
         return _scan_sharded(root, layout, units, skipped, records_path, config, workers or config.workers)
 
     total = sum(1 for _ in make_tasks(_Walker())) if callable(progress) else None  # a second, cheap walk
-    check = functools.partial(check_file, max_pixels=config.max_pixels, min_side=config.min_side)
+    check = functools.partial(check_and_resize, max_pixels=config.max_pixels, min_side=config.min_side,
+                              size=cache.size if cache is not None else None, from_side=cache_from_side)
     walker, tally = _Walker(skipped=skipped), _Tally()
     partial_path = records_path.with_suffix(".jsonl.partial")
     try:
-        with open(partial_path, "w", encoding="ascii") as stream, _mapper(workers or config.workers) as mapper:
-            for done, record in enumerate(mapper(check, make_tasks(walker)), 1):
+        with open(partial_path, "w", encoding="ascii") as stream, _mapper(workers or config.workers) as mapper, \
+                (cache.writer() if cache is not None else contextlib.nullcontext()) as cached:
+            for done, (record, pixels) in enumerate(mapper(check, make_tasks(walker)), 1):
                 # ensure_ascii keeps undecodable file names (lone surrogates) as \udcXX: a lossless round trip.
                 stream.write(json.dumps(record, ensure_ascii=True) + "\n")
                 tally.add(record)
+                if pixels is not None:
+                    cached.add(record["path"], record["sha1"], pixels)
                 if callable(progress):
                     progress(done, total)
     except BaseException:

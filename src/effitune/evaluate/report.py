@@ -152,7 +152,7 @@ def write_report(bundle: str | Path, data: str | Path | None = None, out: str | 
         "timings": run_timings.read(bundle.parent),
     }
     summary["warnings"] = _report_warnings(summary) + audit.warnings
-    figures = _figures(summary, read_history(bundle), audit)
+    figures = _figures(summary, read_history(bundle), audit, Thumbnails(rows, cache, predictor.size))
     out.mkdir(parents=True, exist_ok=True)
     for name, image in figures.items():
         (out / f"{name}.png").write_bytes(image)
@@ -188,7 +188,7 @@ def _report_warnings(summary: dict) -> list[str]:
     return warnings
 
 
-def _figures(summary: dict, history: list[dict], audit) -> dict[str, bytes]:
+def _figures(summary: dict, history: list[dict], audit, thumbnail: "Thumbnails") -> dict[str, bytes]:
     """{name: PNG bytes}, in the order the page shows them."""
     classes = summary["classes"]
     figures: dict[str, bytes] = {}
@@ -233,16 +233,37 @@ def _figures(summary: dict, history: list[dict], audit) -> dict[str, bytes]:
     return figures
 
 
-def thumbnail(path: str, size: int = _THUMBNAIL) -> np.ndarray:
-    """The image as the user sees it (EXIF-oriented RGB), fitted into size x size; grey if unreadable."""
-    from ..data.images import load_rgb
+class Thumbnails:
+    """`thumbnails(path)`: an image of the data fitted into size x size for the report's galleries.
 
-    try:
-        image = load_rgb(path)
-    except Exception:  # noqa: BLE001 - a file that vanished since training must not stop the report
-        return np.full((size, size, 3), 200, np.uint8)
-    image.thumbnail((size, size))
-    return np.asarray(image)
+    An image in the run's resize-once cache (by its sha1) is shown as the model saw it, without
+    decoding the original again; any other one is decoded reduced (`images.reduced_decode`) and
+    EXIF-oriented. Grey when the file cannot be read any more.
+    """
+
+    def __init__(self, rows: list[dict], cache_root: str | Path | None, model_size: int, size: int = _THUMBNAIL):
+        from ..data.cache import ImageCache
+
+        self.size = size
+        self.sha1 = {row["path"]: row.get("sha1") for row in rows}
+        cached = cache_root is not None and (Path(cache_root) / f"size{model_size}" / "index.json").is_file()
+        self.cache = ImageCache(cache_root, model_size) if cached else None
+
+    def __call__(self, path: str) -> np.ndarray:
+        from PIL import Image
+
+        from ..data.images import load_rgb
+
+        key = self.sha1.get(path)
+        try:
+            if self.cache is not None and key in self.cache:
+                image = Image.fromarray(self.cache.get(key))
+            else:
+                image = load_rgb(path, at_least=self.size)
+        except Exception:  # noqa: BLE001 - a file that vanished since training must not stop the report
+            return np.full((self.size, self.size, 3), 200, np.uint8)
+        image.thumbnail((self.size, self.size))
+        return np.asarray(image)
 
 
 def _json_safe(value: Any) -> Any:

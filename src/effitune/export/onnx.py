@@ -102,7 +102,7 @@ def add_metadata(model: onnx.ModelProto, meta: dict) -> None:
     """Preprocessing and classes as metadata_props (JSON values), readable by any ONNX consumer."""
     prep = Preprocessing.from_meta(meta)
     props = {"size": prep.size, "mean": list(prep.mean), "std": list(prep.std),
-             "interpolation": prep.interpolation, "resize": prep.resize,
+             "interpolation": prep.interpolation, "resize": prep.resize, "decode": prep.decode,
              "input": "float32 RGB in [0, 1], NCHW; normalization (mean/std) is inside the graph",
              "outputs": "logits (N, classes); features (N, D [+ P]): pooled penultimate features [then the "
                         "pooled output of the layers training left frozen]",

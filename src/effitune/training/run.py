@@ -32,7 +32,8 @@ from ..config import Config, StageConfig, save_config
 from ..data.batches import ImageBatches
 from ..data.cache import ImageCache
 from ..data.datamodule import ActivationDataset, ImageDataModule, class_weights, collate_batched
-from ..errors import EffituneWarning, Notify, notifier
+from ..errors import EffituneWarning, Notify, UserError, notifier
+from ..models.backbones import backbone_info
 from ..models.network import Network, build_network
 from .callbacks import HistoryWriter, SetEpoch
 from .features import POOLED, boundary_name, compute_activations
@@ -82,6 +83,29 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("EFFITUNE_CACHE", Path.home() / ".cache" / "effitune"))
 
 
+def image_cache(config: Config, cache_root: str | Path | None = None, size: int | None = None) -> ImageCache:
+    """The run's resize-once cache at `size` (default: the run's image size)."""
+    return ImageCache(Path(cache_root) if cache_root else default_cache_root() / "images",
+                      size or config.data.image_size, max_pixels=config.data.max_pixels)
+
+
+def scan_cache_plan(config: Config) -> tuple[int | None, int]:
+    """(size, from_side): the cache size training will use, as far as it is known before the scan.
+
+    A configured size caches every image. An automatic one (`choose_image_size`) is the backbone's
+    native size whenever most images are at least that large, so the scan caches those images at it
+    (a photo is where decoding costs); the rest, and every image when the choice goes otherwise, are
+    cached after the scan.
+    """
+    if config.data.image_size:
+        return config.data.image_size, 0
+    try:
+        native = backbone_info(config.model.backbone).native_resolution
+    except (UserError, RuntimeError, AttributeError):  # an unknown backbone: fit refuses it with its message
+        return None, 0
+    return native, native
+
+
 def fit(rows: list[dict], config: Config, paths: RunPaths, *, cache_root: str | Path | None = None,
         progress: bool = True, callbacks: tuple = (), started: float | None = None,
         timer: run_timings.Timings | None = None, notify: Notify | None = None) -> Fitted:
@@ -101,8 +125,7 @@ def fit(rows: list[dict], config: Config, paths: RunPaths, *, cache_root: str | 
     fill_epochs(config, n_train, _stage2_depths(config, network, n_train))
     config.train.batch_size = config.train.batch_size or (256 if device == "cuda" else 64)
     distributed.on_main(save_config, config, paths.config)
-    cache = ImageCache(cache_root or default_cache_root() / "images", config.data.image_size,
-                       max_pixels=config.data.max_pixels)
+    cache = image_cache(config, cache_root)
     say(f"effitune {len(rows)} images, {len(classes)} classes, {config.model.backbone} @ {config.data.image_size}px, "
         f"weights: {weight_source}")
     with timer.step("resize cache"):
