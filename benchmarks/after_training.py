@@ -29,13 +29,12 @@ import numpy as np
 import torch
 
 from effitune import ood
-from effitune.data.cache import ImageCache
+from effitune.data.cache import ImageCache, images_root
 from effitune.data.manifest import read_manifest
 from effitune.evaluate.report import write_report
 from effitune.runtime.graph import in_memory_engine
 from effitune.predict import Predictor
 from effitune.runtime.batching import run_in_batches
-from effitune.training.run import default_cache_root
 
 
 def predict_cached(engine, cache: ImageCache, keys: list[str], chunk: int = 512,
@@ -57,7 +56,7 @@ def main() -> None:
 
     predictor = Predictor(args.run / "model", backend="torch")
     rows = read_manifest(args.run / "manifest.csv")
-    cache = ImageCache((args.cache or default_cache_root()) / "images", predictor.size)
+    cache = ImageCache(images_root(args.cache), predictor.size)
     keys = cache.build([r["path"] for r in rows], [r["sha1"] for r in rows])
     split = {name: [i for i, r in enumerate(rows) if r["split"] == name] for name in ("train", "val", "test")}
     labels = np.array([predictor.classes.index(r["label"]) for r in rows])

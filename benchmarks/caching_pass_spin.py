@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 from effitune.config import Config
-from effitune.data.cache import ImageCache
+from effitune.data.cache import ImageCache, images_root
 from effitune.data.datamodule import ImageDataModule
 from effitune.data.manifest import read_manifest
 from effitune.training import features
-from effitune.training.run import network_for, default_cache_root
+from effitune.training.run import network_for
 
 
 def training_images(manifest: Path, cache_root: Path | None, size: int, images: int):
@@ -29,7 +29,7 @@ def training_images(manifest: Path, cache_root: Path | None, size: int, images: 
     its resize-once cache, and the default backbone with a head for their classes."""
     rows = [{**row, "split": "train"} for row in read_manifest(manifest)[:images]]
     classes = sorted({row["label"] for row in rows})
-    cache = ImageCache((cache_root or default_cache_root()) / "images", size)
+    cache = ImageCache(images_root(cache_root), size)
     keys = cache.build([row["path"] for row in rows], [row["sha1"] for row in rows])
     network, _ = network_for(Config(), len(classes))
     return ImageDataModule(rows, keys, classes, cache), network

@@ -29,4 +29,8 @@ print(json.dumps({"test_accuracy": result.metrics["accuracy"], "wall_seconds": r
                   "phases": result.phases}, indent=1))
 PY
 cp /tmp/fmnist-run/history.csv "$OUT/fmnist-history.csv" 2>/dev/null
-tail -5 "$OUT/speed.err" "$OUT/fmnist.err"
+
+# 3. nvjpeg against effitune's CPU decode (Pillow draft, every core) for the resize-once cache
+#    (issue 25): 12-MP photos/s on each and the pixel difference, to decide whether nvjpeg builds it
+timeout 150 python3 "$SRC/benchmarks/gpu_decode.py" --device cuda --n 48 --json 2>"$OUT/decode.err" | tee "$OUT/decode.json"
+tail -5 "$OUT/speed.err" "$OUT/fmnist.err" "$OUT/decode.err"

@@ -12,10 +12,11 @@ core, side by side in one run:
 It prints images/s per core, decodes per photo, and the pixels the model gets from a reduced decode
 against a full one (224 px, absolute difference). With `--train`, it also times
 `effitune train DIR --epochs 1 --unfreeze 1` on both photo sets with fresh caches (the issue's
-criterion: the 12-MP run at most 1.25x the 0.75-MP run), and with `--before-src OLD/src` the same
-runs on an older checkout's package, in the same call.
+criterion: the 12-MP run at most 1.25x the 0.75-MP run; medians of `--repeats` runs, sizes and versions
+interleaved, since the first run after writing the photos pays for cold disk and import caches),
+and with `--before-src OLD/src` the same runs on an older checkout's package, in the same call.
 
-    .venv/bin/python benchmarks/photo_ingest.py [--n 80] [--train] [--before-src /tmp/old/src] [--json]
+    .venv/bin/python benchmarks/photo_ingest.py [--n 80] [--train [--repeats 3]] [--before-src /tmp/old/src] [--json]
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -123,7 +125,10 @@ def pixel_difference(data: Path, limit: int = 16) -> dict:
 
 def train_run(data: Path, out: Path, src: str | None) -> dict:
     """`effitune train DATA --epochs 1 --unfreeze 1` with fresh caches; wall seconds and test accuracy."""
-    env = {**os.environ, "EFFITUNE_CACHE": str(out.parent / f"cache-{out.name}")}
+    cache = out.parent / f"cache-{out.name}"
+    for folder in (out, cache):  # fresh: nothing decoded or trained before
+        shutil.rmtree(folder, ignore_errors=True)
+    env = {**os.environ, "EFFITUNE_CACHE": str(cache)}
     if src:
         env["PYTHONPATH"] = src
     began = time.perf_counter()
@@ -139,11 +144,21 @@ def train_run(data: Path, out: Path, src: str | None) -> dict:
             "scan": steps.get("scan"), "resize cache": steps.get("resize cache"), "report": steps.get("report")}
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """Each figure's median over the repeats (the accuracy of the first: every repeat trains the same)."""
+    def median(key):
+        values = [run[key] for run in runs if run[key] is not None]
+        return round(statistics.median(values), 2) if values else None
+    return {key: median(key) if key != "accuracy" else runs[0][key] for key in runs[0]} | {
+        "runs": len(runs), "all_seconds": [run["seconds"] for run in runs]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=80)
     parser.add_argument("--train", action="store_true", help="also time `effitune train` on both photo sets")
     parser.add_argument("--before-src", help="an older checkout's src/ folder: its train runs beside this one's")
+    parser.add_argument("--repeats", type=int, default=3, help="train runs of each kind (medians are printed)")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -158,11 +173,17 @@ def main() -> None:
         results["ingest"][name] = rows
     if args.train:
         versions = {"this": None, **({"before": args.before_src} if args.before_src else {})}
+        runs: dict = {(version, name): [] for version in versions for name in folders}
+        for repeat in range(args.repeats):  # interleaved: no version or size gets the warm caches alone
+            order = list(folders.items()) if repeat % 2 == 0 else list(folders.items())[::-1]
+            for version, src in versions.items():
+                for name, folder in order:
+                    runs[version, name].append(train_run(folder, work / f"train-{version}-{name}", src))
         results["train"] = {}
-        for version, src in versions.items():
-            runs = {name: train_run(folder, work / f"train-{version}-{name}", src) for name, folder in folders.items()}
-            runs["ratio_12MP_to_0.75MP"] = round(runs["12MP"]["seconds"] / runs["0.75MP"]["seconds"], 2)
-            results["train"][version] = runs
+        for version in versions:
+            medians = {name: _median_run(runs[version, name]) for name in folders}
+            medians["ratio_12MP_to_0.75MP"] = round(medians["12MP"]["seconds"] / medians["0.75MP"]["seconds"], 2)
+            results["train"][version] = medians
     print(json.dumps(results, indent=None if args.json else 2))
 
 

@@ -385,6 +385,45 @@ def predict(bundle: Path = typer.Argument(..., help="Model bundle folder."),
         raise typer.Exit(1)
 
 
+@app.command()
+@user_errors
+def explain(bundle: Path = typer.Argument(..., help="Model bundle folder."),
+            paths: List[str] = typer.Argument(..., help="Image files, folders, glob patterns or URLs."),
+            out: Path = typer.Option(..., "--out", help="Folder for the overlays (IMAGE.heatmap.png)."),
+            target: Optional[str] = typer.Option(None, help="Explain this class instead of each image's "
+                                                 "predicted one."),
+            json_output: bool = typer.Option(False, "--json", help="One JSON object per line: path, label, "
+                                             "probability, heatmap (the PNG), peak [x, y] (fractions, top left)."),
+            batch_size: int = typer.Option(16, min=1, help="Images explained at a time; memory stays flat."),
+            device: str = typer.Option("cpu", help="cpu, cuda, cuda:N.")):
+    """Where the model looks: a Grad-CAM heatmap over each image; a bad file gets an error line and
+    the rest go on."""
+    from .batch_predict import prepare_device
+    from .explain import save_overlay
+    from .predict import load
+
+    predictor = load(bundle, device=prepare_device(device), backend="torch")
+    taken: set[str] = set()
+    failures, answered = 0, 0
+    for item in predictor.iter_explain(paths, target=target, batch_size=batch_size):
+        answered += 1
+        row = item.to_dict()
+        if item.error is None:
+            row["heatmap"] = str(save_overlay(item, out, taken))
+        failures += item.error is not None
+        if json_output:
+            sys.stdout.write(json.dumps(row, ensure_ascii=True) + "\n")
+        elif item.error is not None:
+            err.print(f"[red]{escape(item.path)}: {escape(item.error)}[/]", highlight=False, soft_wrap=True)
+        else:
+            where = "nowhere" if item.peak is None else f"peak x={item.peak[0]:.2f} y={item.peak[1]:.2f}"
+            print(f"{item.path}\t{item.label} {item.probability:.3f}\t{where}\t{row['heatmap']}")
+    if not answered:
+        raise UserError(_no_images(paths))
+    if failures:
+        raise typer.Exit(1)
+
+
 def _no_images(paths: List[str]) -> str:
     from .data.images import IMAGE_EXTENSIONS
 

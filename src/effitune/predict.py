@@ -13,16 +13,17 @@ import threading
 import warnings
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
 from .bundle import WEIGHTS_FILE, Preprocessing, read_meta, weights_fingerprint
 from .data.cache import ImageCache
-from .data.images import IMAGE_EXTENSIONS, is_url, load_for_model
+from .data.images import IMAGE_EXTENSIONS, crop_box, is_url, load_for_model, model_image, resize_center_crop
 from .errors import EffituneWarning, UserError
 from .models.network import Network
+from .explain import Explanation, explain_batch, peak as explanation_peak
 from .ood import load_detector
 from .runtime import ONNX_FILES
 from .runtime.batching import run_in_batches, softmax
@@ -63,7 +64,7 @@ class Predictor:
 
     def __init__(self, folder: str | Path, device: str = "cpu", backend: str = "auto"):
         self._in_memory = None  # pass_engine's ONNX Runtime engine: None until tried, False if unavailable
-        self._exporting = threading.Lock()
+        self._exporting, self._explaining = threading.Lock(), threading.Lock()
         self.folder = Path(folder)
         self.meta = read_meta(self.folder)
         self.classes: list[str] = list(self.meta["classes"])
@@ -124,6 +125,12 @@ class Predictor:
         if engine.feature_width is not None and expected is not None and engine.feature_width != expected:
             return f"{path} gives {engine.feature_width} feature columns, but this bundle's metadata says {expected}"
         return None
+
+    @functools.cached_property
+    def _explain_network(self) -> Network:
+        """A copy of the network of its own for `explain`: its gradient hooks never meet a prediction
+        running in another thread (serve) on `network`."""
+        return load_network(self.folder, self.meta).to(self.device)
 
     @functools.cached_property
     def network(self) -> Network:
@@ -259,6 +266,46 @@ class Predictor:
                 pending = []
         yield from self._finish(pending, top_k, reject, pass_images)
 
+    def explain(self, sources, target: str | None = None, batch_size: int = 16) -> list[Explanation]:
+        """Where the model looks (`explain.Explanation`: Grad-CAM heatmap, its peak on the original
+        image, `overlay()`), one per image in order; a file that fails gets an `error` and the rest go on.
+        `target`: explain this class instead of each image's predicted one."""
+        return list(self.iter_explain(sources, target=target, batch_size=batch_size))
+
+    def iter_explain(self, sources, target: str | None = None, batch_size: int = 16) -> Iterator[Explanation]:
+        """`explain`, streamed: `batch_size` images decoded and explained at a time (memory stays flat)."""
+        if target is not None and target not in self.classes:
+            raise UserError(f"--target {target!r} is not one of this model's classes: {self.classes[:10]}"
+                            f"{'...' if len(self.classes) > 10 else ''}.")
+        if batch_size < 1:
+            raise UserError(f"batch_size is how many images are explained at a time: at least 1 (got {batch_size}).")
+        pending: list[Explanation] = []
+        for source in _with_expansion(as_sources(sources)):
+            label = _label(source)
+            try:
+                pending.append(Explanation(label, image=model_image(source, self.size)))
+            except Exception as error:  # noqa: BLE001 - one bad file must not stop the others
+                pending.append(Explanation(label, error=_describe(error, label)))
+            if len(pending) >= batch_size:
+                yield from self._explained(pending, target)
+                pending = []
+        yield from self._explained(pending, target)
+
+    def _explained(self, pending: list[Explanation], target: str | None) -> Iterator[Explanation]:
+        good = [item for item in pending if item.error is None]
+        if good:
+            images = np.stack([np.asarray(resize_center_crop(item.image, self.size), np.uint8) for item in good])
+            targets = None if target is None else [self.classes.index(target)] * len(good)
+            with self._explaining:  # captum hooks the layer for the pass: one explanation at a time
+                logits, heatmaps = explain_batch(self._explain_network, images, targets)
+            for item, p, heatmap in zip(good, softmax(logits, self.temperature), heatmaps):
+                item.label, item.probability = self.classes[int(p.argmax())], float(p.max())
+                item.target = target or item.label
+                item.heatmap, item.image_size = heatmap, item.image.size
+                item.box = crop_box(*item.image.size, self.size)
+                item.peak = explanation_peak(heatmap, item.box, item.image_size)
+        yield from pending
+
     def _finish(self, pending, top_k: int, reject: bool, pass_images: int) -> Iterator[dict]:
         good = [image for _, image, _ in pending if image is not None]
         logits, features = self._run_fastest(np.stack(good), pass_images) if good \
@@ -311,8 +358,8 @@ def embed(predictor: Predictor, sources: Iterable, *, cache: str | Path | None =
     CPU for long passes), `chunk` images in RAM at a time.
 
     `sources`: files, folders, globs or URLs (an unreadable one is listed in `failed`, not fatal), or
-    rows of a data set (dicts with `path`, and `sha1` where known). With rows, `cache` (an ImageCache
-    root, as training uses) decodes each image once for every later pass.
+    rows of a data set (dicts with `path`, and `sha1` where known), read as `row_images` reads them:
+    from the resize-once cache under `cache` (default: effitune's own, where training put them).
     """
     sources = list(sources)
     if sources and all(isinstance(source, dict) for source in sources):
@@ -339,15 +386,33 @@ def embed(predictor: Predictor, sources: Iterable, *, cache: str | Path | None =
 
 
 def _embed_rows(predictor: Predictor, rows: list[dict], cache, chunk: int) -> Embedded:
+    return Embedded([row["path"] for row in rows],
+                    *predictor.run_pass(row_images(predictor, rows, cache=cache, chunk=chunk), len(rows)))
+
+
+def row_images(predictor: Predictor, rows: Sequence[dict], *, cache: str | Path | None = None,
+               chunk: int = EMBED_CHUNK, read: Callable[[str], np.ndarray] | None = None) -> Iterator[np.ndarray]:
+    """The model's input images for data-set rows, `chunk` at a time (uint8, N x size x size x 3).
+
+    A row whose file the resize-once cache (`data.cache.images_root(cache)`) holds unchanged, by its
+    `sha1`, is read from there: a run's own images are not decoded again after training. Any other row
+    is decoded by `read` (default `predictor.preprocess`, the decode training used to fill the cache).
+    Nothing is written to the cache.
+    """
     paths = [row["path"] for row in rows]
-    if cache is not None:
-        image_cache = ImageCache(cache, predictor.size)
-        keys = image_cache.build(paths, [row.get("sha1") or "" for row in rows])
-        load = lambda part: image_cache.stack(keys[part])  # noqa: E731
-    else:
-        load = lambda part: np.stack([predictor.preprocess(p) for p in paths[part]])  # noqa: E731
-    chunks = (load(slice(start, start + chunk)) for start in range(0, len(paths), chunk))
-    return Embedded(paths, *predictor.run_pass(chunks, len(paths)))
+    image_cache = ImageCache.existing(cache, predictor.size)
+    keys = image_cache.cached(paths, [row.get("sha1") for row in rows]) if image_cache else [""] * len(rows)
+    read = read or predictor.preprocess
+    for start in range(0, len(rows), chunk):
+        part = range(start, min(start + chunk, len(rows)))
+        batch = np.empty((len(part), predictor.size, predictor.size, 3), np.uint8)
+        hits = [n for n, i in enumerate(part) if keys[i]]
+        if hits:
+            batch[hits] = image_cache.stack([keys[part[n]] for n in hits])
+        for n, i in enumerate(part):
+            if not keys[i]:
+                batch[n] = read(paths[i])
+        yield batch
 
 
 def as_sources(sources) -> Iterable:

@@ -129,7 +129,7 @@ def test_whole_decoding_stays_available_for_comparison(tmp_path, monkeypatch):
     assert np.array_equal(load_for_model(path, 224), np.asarray(resize_center_crop(load_rgb(path), 224)))
 
 
-def test_a_training_run_decodes_each_photo_once_and_its_report_none(tmp_path, monkeypatch):
+def test_a_training_run_decodes_each_photo_once_and_evaluate_audit_report_after_it_none(tmp_path, monkeypatch):
     """Photos at least the backbone's native size: the scan's decode fills the cache at the size the
     run then picks; caching, the phases, the pass after them and the report read the cache."""
     from effitune.pipeline import train
@@ -148,3 +148,29 @@ def test_a_training_run_decodes_each_photo_once_and_its_report_none(tmp_path, mo
 
     assert load_config(result.run_dir / "config.yaml").data.image_size == 224  # the size the scan cached at
     assert len(decodes()) == 24  # one per photo: the scan's
+
+    # after the run: evaluate, audit --model and report on its own images read the cache as well
+    from effitune.evaluate.data_audit import audit_data
+    from effitune.evaluate.evaluate import evaluate_bundle
+    from effitune.evaluate.report import write_report
+    from effitune.predict import Predictor, embed
+    from effitune.runtime.batching import softmax
+
+    manifest, bundle = result.run_dir / "manifest.csv", result.bundle
+    assert evaluate_bundle(bundle, manifest, cache=tmp_path / "cache")["accuracy"] == pytest.approx(
+        result.metrics["accuracy"])
+    audit_data(bundle, manifest, cache=tmp_path / "cache")
+    write_report(bundle, manifest, out=tmp_path / "report-again", cache=tmp_path / "cache")
+    assert len(decodes()) == 24
+
+    # predict decodes a new photo as training did: the same answers as from the cache entries
+    from effitune.data.manifest import read_manifest
+
+    test_rows = [row for row in read_manifest(manifest) if row["split"] == "test"]
+    predictor = Predictor(bundle)
+    inside = softmax(embed(predictor, test_rows, cache=tmp_path / "cache").logits, predictor.temperature)
+    assert len(decodes()) == 24
+    answers = predictor.predict([row["path"] for row in test_rows], reject=False)
+    assert len(decodes()) == 24 + len(test_rows)  # predict reads the files, once each
+    assert [answer["label"] for answer in answers] == [predictor.classes[i] for i in inside.argmax(1)]
+    assert [answer["probability"] for answer in answers] == pytest.approx(inside.max(1).tolist(), abs=1e-4)

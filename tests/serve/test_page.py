@@ -106,6 +106,24 @@ def test_pick_an_image_and_see_its_prediction(browser, bundle, tmp_path):
     assert not console_errors, console_errors  # a Content-Security-Policy block would show here
 
 
+def test_the_page_shows_where_the_model_looks(browser, bundle, tmp_path):
+    picture = write_image(tmp_path, "kitten.png", 4)
+    with Server(create_app(bundle)) as server:
+        page, requests, console_errors = open_page(browser, server.url)
+        page.wait_for_function("() => document.getElementById('model').textContent.includes('3 classes')")
+        page.set_input_files("#files", str(picture))
+        page.wait_for_selector(".result .label")
+        page.click(".result .why")
+        page.wait_for_selector(".result img.overlay")  # the heatmap over the picture, from POST /explain
+        image = page.locator(".result img")
+        assert image.get_attribute("src").startswith("data:image/png;base64,")
+        assert image.evaluate("e => e.naturalWidth") > 0  # a PNG the browser could draw
+        assert page.locator(".result .why").inner_text().startswith("Heat: where it sees ")
+        page.close()
+    assert any(url.endswith("/explain") for url in requests)
+    assert not console_errors, console_errors
+
+
 def test_the_page_shows_refusals_and_sends_the_api_key(browser, bundle, tmp_path):
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("shopping list, not a picture")

@@ -25,6 +25,16 @@ from . import rowio
 from .images import is_url, load_for_model, read_bytes
 
 
+def default_root() -> Path:
+    """effitune's cache folder: `$EFFITUNE_CACHE`, else ~/.cache/effitune."""
+    return Path(os.environ.get("EFFITUNE_CACHE", Path.home() / ".cache" / "effitune"))
+
+
+def images_root(root: str | Path | None = None) -> Path:
+    """Where resize-once caches live: `root` when given (a run's `cache_root`), else effitune's own."""
+    return Path(root) if root else default_root() / "images"
+
+
 def _decode(job: tuple[str, int, int | None]) -> tuple[str, np.ndarray | None, str]:
     """In a worker process: (sha1, pixels, "") or ("", None, why it failed)."""
     path, size, max_pixels = job
@@ -64,6 +74,13 @@ class ImageCache:
         self.index = self._read_index()
         self._maps: dict[int, np.ndarray] = {}
 
+    @classmethod
+    def existing(cls, root: str | Path | None, size: int) -> "ImageCache | None":
+        """The cache at `size` under `images_root(root)` when one was built there, else None (nothing
+        is created: a reader, such as `evaluate`, leaves no empty cache behind)."""
+        folder = images_root(root)
+        return cls(folder, size) if (folder / f"size{size}" / "index.json").is_file() else None
+
     def _read_index(self) -> CacheIndex:
         path = self.folder / "index.json"
         if not path.is_file():
@@ -100,17 +117,16 @@ class ImageCache:
         self._write_index()
         return keys
 
+    def cached(self, paths: list[str], sha1s: list[str | None]) -> list[str]:
+        """Each file's content key when the cache holds it and the file is still what `sha1` says
+        (its size and change stamp, else its bytes hashed again); "" for every other file."""
+        return [sha1 if sha1 and sha1 in self.index.entries and self._unchanged(path, sha1) else ""
+                for path, sha1 in zip(paths, sha1s)]
+
     def _missing(self, paths: list[str], sha1s: list[str] | None) -> tuple[list[str], list[int]]:
         """The keys of files cached already ("" for the others) and the positions of the others."""
-        keys: list[str] = [""] * len(paths)
-        todo = []
-        for i, path in enumerate(paths):
-            known = sha1s[i] if sha1s else None
-            if known and known in self.index.entries and self._unchanged(path, known):
-                keys[i] = known
-            else:
-                todo.append(i)
-        return keys, todo
+        keys = self.cached(paths, sha1s or [None] * len(paths))
+        return keys, [i for i, key in enumerate(keys) if not key]
 
     def _decode_shard(self, paths: list[str], workers: int | None = None, progress=None) -> _Shard:
         """Decode `paths` into a new shard file, written under a temporary name and renamed when whole."""

@@ -149,6 +149,19 @@ def reduced_decode(image: Image.Image, at_least: int) -> None:
     image.draft(None, (max(1, math.ceil(image.width * factor)), max(1, math.ceil(image.height * factor))))
 
 
+def crop_box(width: int, height: int, size: int) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) of a width x height image that `resize_center_crop` keeps, in its pixels."""
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    if max(new_w, new_h) > 16 * size:
+        keep_w, keep_h = min(width, size / scale), min(height, size / scale)
+        left, top = (width - keep_w) / 2, (height - keep_h) / 2
+        return left, top, left + keep_w, top + keep_h
+    across, down = new_w / width, new_h / height
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return left / across, top / down, (left + size) / across, (top + size) / down
+
+
 def resize_center_crop(image: Image.Image, size: int, resample: int = Image.Resampling.BICUBIC) -> Image.Image:
     """Resize the shorter side to `size`, then center-crop a size x size square.
 
@@ -177,13 +190,17 @@ def load_for_model(source: str | Path | bytes | Image.Image | np.ndarray, size: 
     A JPEG file decodes reduced to at least `DECODE_MARGIN` x `size` (`reduced_decode`), the same in
     the resize cache, prediction and serving; an already decoded PIL image or array is resized as it is.
     """
+    return np.asarray(resize_center_crop(model_image(source, size, max_pixels), size), dtype=np.uint8)
+
+
+def model_image(source: str | Path | bytes | Image.Image | np.ndarray, size: int,
+                max_pixels: int | None = None) -> Image.Image:
+    """The oriented RGB image `load_for_model` resizes: what an explanation's overlay is drawn on."""
     if isinstance(source, Image.Image):
-        image = to_rgb(ImageOps.exif_transpose(source) or source)
-    elif isinstance(source, np.ndarray):
-        image = image_from_array(source)
-    else:
-        image = load_rgb(source, max_pixels=max_pixels, at_least=decode_side(size))
-    return np.asarray(resize_center_crop(image, size), dtype=np.uint8)
+        return to_rgb(ImageOps.exif_transpose(source) or source)
+    if isinstance(source, np.ndarray):
+        return image_from_array(source)
+    return load_rgb(source, max_pixels=max_pixels, at_least=decode_side(size))
 
 
 def image_from_array(array: np.ndarray) -> Image.Image:

@@ -254,6 +254,8 @@ class DataAudit:
     outliers: list[dict]  # path, label, score, flagged; highest score first
     shortcut: dict
     warnings: list[str] = field(default_factory=list)
+    # where the model looks, per class (`explain.heat_summary`; `audit --model` only)
+    heat: dict = field(default_factory=lambda: {"skipped": "needs a model: effitune audit DATA --model BUNDLE"})
 
     @property
     def duplicates_across_classes(self) -> list[dict]:
@@ -297,6 +299,8 @@ class DataAudit:
                 f"Outliers in feature space: {len(self.flagged_outliers)}", ["score", "label", "path"],
                 [[f"{r['score']:.3f}", r["label"], r["path"]] for r in self.flagged_outliers]))
         parts.append(_shortcut_table(self.shortcut))
+        if "classes" in self.heat:
+            parts.append(_heat_table(self.heat))
         parts += [Text(f"! {warning}", style="yellow") for warning in self.warnings]
         return Group(*parts)
 
@@ -375,6 +379,28 @@ def shortcut_warnings(shortcut: dict) -> list[str]:
     return lines
 
 
+def heat_warnings(heat: dict) -> list[str]:
+    return [f"Where the model looks: for '{printable(name)}' {summary['corner_share']:.0%} of the heat of "
+            f"{summary['images']} images sits in the {summary['corner']} corner (1/9 of the image). A mark, "
+            "watermark, border or background there may be what the model learnt instead of the object: look "
+            f"at `effitune explain` overlays of that class." for name, summary in heat.get("classes", {}).items()
+            if summary.get("flagged")]
+
+
+def _heat_table(heat: dict) -> Any:
+    table = Table(title=f"Where the model looks (mean Grad-CAM of up to {heat['per_class']} images per class)")
+    for column in ("class", "centre of heat (x, y)", "in the centre", "most in a corner", ""):
+        table.add_column(column)
+    for name, summary in heat["classes"].items():
+        if not summary.get("images"):
+            table.add_row(name, "no heat", "", "", "")
+            continue
+        x, y = summary["centroid"]
+        table.add_row(name, f"{x:.2f}, {y:.2f}", f"{summary['centre_share']:.0%}",
+                      f"{summary['corner_share']:.0%} {summary['corner']}", "!" if summary["flagged"] else "")
+    return table
+
+
 def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
@@ -405,7 +431,32 @@ def audit_data(bundle: str | Path, data: str | Path, *, manifest: str | Path | N
     predictor = Predictor(bundle, device=device)
     features = embed(predictor, rows, cache=cache).features
     features = features[:, :predictor.pooled_dim]  # the pooled features (not the frozen-prefix part)
-    return audit_features(features, [r["label"] for r in rows], [r["path"] for r in rows],
-                          splits=[r.get("split") for r in rows],
-                          metadata=image_metadata([r["path"] for r in rows], records), similarity=similarity,
-                          device=device)
+    audit = audit_features(features, [r["label"] for r in rows], [r["path"] for r in rows],
+                           splits=[r.get("split") for r in rows],
+                           metadata=image_metadata([r["path"] for r in rows], records), similarity=similarity,
+                           device=device)
+    audit.heat = class_heat(predictor, rows, cache=cache)
+    audit.warnings += heat_warnings(audit.heat)
+    return audit
+
+
+HEAT_PER_CLASS = 16  # images explained per class for the audit's heat check: its cost stays flat in N
+
+
+def class_heat(predictor, rows: Sequence[dict], *, cache: str | Path | None = None,
+               per_class: int = HEAT_PER_CLASS) -> dict:
+    """`explain.heat_summary` of up to `per_class` images of each class (spread evenly over its rows),
+    explained for their own class; the images come from the run's cache where it has them."""
+    from ..explain import heat_summary
+    from ..predict import row_images
+
+    summaries = {}
+    for name in sorted({row["label"] for row in rows}):
+        if name not in predictor.classes:
+            continue
+        members = [row for row in rows if row["label"] == name]
+        chosen = [members[i] for i in sorted(set(np.linspace(0, len(members) - 1, per_class).round().astype(int)))]
+        images = [image for batch in row_images(predictor, chosen, cache=cache) for image in batch]
+        summaries[name] = heat_summary([item.heatmap for item in predictor.explain(images, target=name)
+                                        if item.heatmap is not None])
+    return {"per_class": per_class, "classes": summaries, "flagged": [n for n, s in summaries.items() if s["flagged"]]}

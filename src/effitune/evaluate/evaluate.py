@@ -11,7 +11,7 @@ from ..bundle import read_meta
 from ..data.manifest import manifest_hash, read_manifest
 from ..data.sources import labelled_rows
 from ..errors import EffituneWarning, UserError
-from ..predict import Predictor
+from ..predict import Predictor, row_images
 from ..runtime.batching import softmax
 from .metrics import classification_metrics
 
@@ -31,10 +31,11 @@ def trained_on(bundle: str | Path, rows: list[dict]) -> int:
 
 
 def evaluate_bundle(bundle: str | Path, data: str | Path, split: str | None = None,
-                    predictor: Predictor | None = None) -> dict:
+                    predictor: Predictor | None = None, cache: str | Path | None = None) -> dict:
     """Metrics of `bundle` on labelled images (`data.sources.labelled_rows`: a split source's `split`,
     default test, or an unsplit one whole); `trained_on`: how many of them the
-    model was trained or validated on (a warning says so when any)."""
+    model was trained or validated on (a warning says so when any). A run's own images are read from
+    its resize-once cache (`cache`: the run's `cache_root`, default effitune's), others decoded."""
     predictor = predictor or Predictor(bundle)
     rows = labelled_rows(data, split)
     pairs = [(row["path"], row["label"]) for row in rows]
@@ -49,9 +50,7 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, split: str | None = No
                         f"{predictor.classes[:10]}{'...' if len(predictor.classes) > 10 else ''}.")
     index = {name: i for i, name in enumerate(predictor.classes)}
     labels = np.array([index[label] for _, label in pairs])
-    chunk = 256  # images in RAM at a time: evaluation memory does not grow with the data set
-    chunks = (np.stack([_image(predictor, path, data) for path, _ in pairs[start:start + chunk]])
-              for start in range(0, len(pairs), chunk))
+    chunks = row_images(predictor, rows, cache=cache, read=lambda path: _image(predictor, path, data))
     logits = predictor.run_pass(chunks, len(pairs))[0]  # ONNX Runtime on a CPU when it agrees with PyTorch
     return {**classification_metrics(softmax(logits, predictor.temperature), labels, predictor.classes),
             "trained_on": seen}

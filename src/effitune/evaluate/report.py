@@ -15,6 +15,7 @@ import html
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -108,7 +109,8 @@ def write_report(bundle: str | Path, data: str | Path | None = None, out: str | 
     """Write report.html, report.json and the figures as PNG; return the path of report.html.
 
     `data`: a DATA folder, CSV or manifest.csv (default: the run's `manifest.csv` beside the bundle).
-    `out`: default `RUN/report` beside the bundle. `cache`: an ImageCache root to reuse resized images.
+    `out`: default `RUN/report` beside the bundle. `cache`: the run's `cache_root` (default effitune's):
+    images it holds are read from there (`predict.row_images`), not decoded again.
     `embedded`: this bundle's outputs for the data's rows, when already computed (else computed here).
     """
     from .calibration import reliability
@@ -152,7 +154,9 @@ def write_report(bundle: str | Path, data: str | Path | None = None, out: str | 
         "timings": run_timings.read(bundle.parent),
     }
     summary["warnings"] = _report_warnings(summary) + audit.warnings
-    figures = _figures(summary, read_history(bundle), audit, Thumbnails(rows, cache, predictor.size))
+    thumbnails = Thumbnails(rows, cache, predictor.size)
+    overlays = _mistake_overlays(predictor, summary["mistakes"], thumbnails)  # adds each one's peak_in_crop
+    figures = _figures(summary, read_history(bundle), audit, thumbnails, overlays)
     out.mkdir(parents=True, exist_ok=True)
     for name, image in figures.items():
         (out / f"{name}.png").write_bytes(image)
@@ -165,8 +169,6 @@ def write_report(bundle: str | Path, data: str | Path | None = None, out: str | 
 def report_after_training(run_dir: str | Path, *, device: str = "cpu", cache: str | Path | None = None,
                           embedded: Embedded | None = None) -> Path | None:
     """The end of `train()`: the bundle is already in place, so a failing report warns and nothing is lost."""
-    import warnings
-
     run_dir = Path(run_dir)
     try:
         path = write_report(run_dir / "model", out=run_dir / "report", device=device, cache=cache, embedded=embedded)
@@ -188,7 +190,25 @@ def _report_warnings(summary: dict) -> list[str]:
     return warnings
 
 
-def _figures(summary: dict, history: list[dict], audit, thumbnail: "Thumbnails") -> dict[str, bytes]:
+def _mistake_overlays(predictor: Predictor, mistakes: list[dict], thumbnails: "Thumbnails") -> list[np.ndarray]:
+    """Where the model looked in each mistake (`Predictor.explain` on the crop it saw, read from the
+    cache: no original decoded), for the predicted class; [] when the explanation fails (said). Each
+    mistake gets `peak_in_crop`: the heatmap's peak [x, y] as fractions of that crop."""
+    if not mistakes:
+        return []
+    try:
+        explained = predictor.explain([thumbnails.model_input(m["path"]) for m in mistakes])
+        for mistake, item in zip(mistakes, explained):
+            mistake["peak_in_crop"] = list(item.peak) if item.peak is not None else None
+        return [np.asarray(item.overlay(max_side=_THUMBNAIL)) for item in explained]
+    except Exception as error:  # noqa: BLE001 - the heatmaps are an aid: the report goes on without them
+        warnings.warn(f"The mistakes' heatmaps were left out of the report ({type(error).__name__}: {error}).",
+                      EffituneWarning, stacklevel=3)
+        return []
+
+
+def _figures(summary: dict, history: list[dict], audit, thumbnail: "Thumbnails",
+             overlays: list[np.ndarray] = ()) -> dict[str, bytes]:
     """{name: PNG bytes}, in the order the page shows them."""
     classes = summary["classes"]
     figures: dict[str, bytes] = {}
@@ -199,10 +219,15 @@ def _figures(summary: dict, history: list[dict], audit, thumbnail: "Thumbnails")
         figures["confusion"] = plots.png(plots.confusion_matrix(metrics["confusion"], classes))
     if summary["mistakes"]:
         mistakes = summary["mistakes"]
-        figures["mistakes"] = plots.png(plots.gallery(
-            [thumbnail(m["path"]) for m in mistakes],
-            [f"true: {m['label']}\npredicted: {m['predicted']}\n{m['confidence']:.2f}" for m in mistakes],
-            colours=["#c53030"] * len(mistakes)))
+        images = [thumbnail(m["path"]) for m in mistakes]
+        captions = [f"true: {m['label']}\npredicted: {m['predicted']}\n{m['confidence']:.2f}" for m in mistakes]
+        colours = ["#c53030"] * len(mistakes)
+        if overlays:  # each mistake beside where the model looked for the class it predicted
+            images = [image for pair in zip(images, overlays) for image in pair]
+            captions = [text for m, caption in zip(mistakes, captions)
+                        for text in (caption, f"where it saw\n{m['predicted']}\n")]
+            colours = [colour for colour in colours for colour in (colour, "black")]
+        figures["mistakes"] = plots.png(plots.gallery(images, captions, colours=colours))
     calibration = summary["calibration"]
     if calibration["before"]:
         figures["reliability"] = plots.png(plots.reliability_diagram(calibration["before"], calibration["after"],
@@ -244,10 +269,18 @@ class Thumbnails:
     def __init__(self, rows: list[dict], cache_root: str | Path | None, model_size: int, size: int = _THUMBNAIL):
         from ..data.cache import ImageCache
 
-        self.size = size
+        self.size, self.model_size = size, model_size
         self.sha1 = {row["path"]: row.get("sha1") for row in rows}
-        cached = cache_root is not None and (Path(cache_root) / f"size{model_size}" / "index.json").is_file()
-        self.cache = ImageCache(cache_root, model_size) if cached else None
+        self.cache = ImageCache.existing(cache_root, model_size)
+
+    def model_input(self, path: str) -> np.ndarray:
+        """The crop the model saw (uint8 size x size x 3): the cache's entry, else decoded as training did."""
+        key = self.sha1.get(path)
+        if self.cache is not None and self.cache.cached([path], [key])[0]:
+            return self.cache.get(key)
+        from ..data.images import load_for_model
+
+        return load_for_model(path, self.model_size)
 
     def __call__(self, path: str) -> np.ndarray:
         from PIL import Image
@@ -256,7 +289,7 @@ class Thumbnails:
 
         key = self.sha1.get(path)
         try:
-            if self.cache is not None and key in self.cache:
+            if self.cache is not None and self.cache.cached([path], [key])[0]:
                 image = Image.fromarray(self.cache.get(key))
             else:
                 image = load_rgb(path, at_least=self.size)
@@ -404,7 +437,9 @@ def _mistakes(summary: dict, figures: dict) -> str:
         return '<p class="muted">No mistakes on the evaluated images.</p>'
     rows = [[m["label"], m["predicted"], _f(m["confidence"]), m["path"]] for m in mistakes]
     return (f'<p>The {len(mistakes)} wrong predictions the model was most sure of: often label errors, near-identical '
-            f'classes, or images unlike the training data.</p>{_img(figures, "mistakes", "most confident mistakes")}'
+            f'classes, or images unlike the training data. Beside each, where the model looked for the class it '
+            f'predicted (Grad-CAM): heat on a corner, a border or the background instead of the object shows a '
+            f'shortcut.</p>{_img(figures, "mistakes", "most confident mistakes")}'
             f'{_table(["true", "predicted", "confidence", "path"], rows, numeric=(2,))}')
 
 

@@ -218,6 +218,14 @@ def tail_modules(model: nn.Module, depth: int) -> list[nn.Module]:
     return [*model.blocks[cut:], *_head_stack(model), model.get_classifier()]
 
 
+def last_feature_map(model: nn.Module) -> nn.Module:
+    """The module whose output is the backbone's last feature map, the one the head pools: EfficientNet's
+    head conv + BatchNorm + activation after the last stage, MobileNetV3's last stage (its head conv
+    comes after the pooling). Explanations weigh its activations: the deepest map that still has a place."""
+    _check_splittable(model)
+    return _post_blocks(model)[-1] if _post_blocks(model) else model.blocks[-1]
+
+
 def head_module(model: nn.Module) -> nn.Module:
     return model.get_classifier()
 

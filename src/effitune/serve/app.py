@@ -22,7 +22,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, List
+from typing import Any, List, Optional
 
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -240,7 +240,47 @@ def create_app(bundle: str | Path | Predictor, *, api_key: str | None = None, ma
                             for filename, r in zip(names, results)],
                 "latency_ms": round((time.perf_counter() - started) * 1000, 2), "model": name}
 
+    @app.post("/explain", dependencies=[Depends(require_key)], responses={
+        401: {"description": "API key missing or wrong"}, 413: {"description": "Body, image count or pixels too large"},
+        415: {"description": "A file is not a readable image"}, 422: {"description": "Malformed request or unknown target"},
+        503: {"description": "Busy: retry"}, 504: {"description": "Explaining timed out"}})
+    async def explain(files: List[UploadFile] = File(..., description="One or more images (field `files`)."),
+                      target: Optional[str] = Query(None, description="Explain this class (default: the predicted one).")
+                      ) -> dict:
+        """Where the model looks: per image its label, probability, the heatmap's `peak` [x, y] (fractions of
+        the image, top left) and `overlay_png` (base64 PNG of the heatmap over the image)."""
+        started = time.perf_counter()
+        if len(files) > max_images:
+            raise HTTPException(413, f"{len(files)} images in one request; the limit is {max_images}. "
+                                     "Send them in several requests.")
+        if target is not None and target not in predictor.classes:
+            raise HTTPException(422, f"target {target!r} is not one of the model's classes")
+        names = [(upload.filename or f"file {i + 1}")[:255] for i, upload in enumerate(files)]
+        images = [await upload.read() for upload in files]
+        for filename, data in zip(names, images):
+            _check_image(filename, data, max_pixels)
+        try:
+            explained = await asyncio.wait_for(asyncio.to_thread(predictor.explain, images, target), timeout_s)
+        except TimeoutError:
+            raise HTTPException(504, f"explaining took longer than {timeout_s:g} s; send fewer images or "
+                                     "retry later") from None
+        unreadable = [f"{filename!r} ({e.error})" for filename, e in zip(names, explained) if e.error is not None]
+        if unreadable:
+            raise HTTPException(415, f"not a readable image: {', '.join(unreadable)}. {READABLE}")
+        return {"results": [{"filename": filename, **{k: v for k, v in e.to_dict().items() if k != "path"},
+                             "overlay_png": _png_base64(e.overlay())} for filename, e in zip(names, explained)],
+                "latency_ms": round((time.perf_counter() - started) * 1000, 2), "model": name}
+
     return app
+
+
+GUARDED = ("/predict", "/explain")  # POST paths whose body, key and queue place `_Guard` checks first
+
+
+def _png_base64(image: Image.Image) -> str:
+    stream = io.BytesIO()
+    image.save(stream, format="PNG")
+    return base64.b64encode(stream.getvalue()).decode("ascii")
 
 
 def public_meta(meta: dict) -> dict:
@@ -290,7 +330,7 @@ class _Guard:
         self.app, self.pool, self.max_bytes, self.expected_key = app, pool, max_bytes, expected_key
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != "/predict" or scope["method"] != "POST":
+        if scope["type"] != "http" or scope["path"] not in GUARDED or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         too_large = f"request body over {self.max_bytes} bytes; send fewer or smaller images"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import statistics
 import time
@@ -30,7 +29,7 @@ from .. import distributed, files
 from .. import timings as run_timings
 from ..config import Config, StageConfig, save_config
 from ..data.batches import ImageBatches
-from ..data.cache import ImageCache
+from ..data.cache import ImageCache, images_root
 from ..data.datamodule import ActivationDataset, ImageDataModule, class_weights, collate_batched
 from ..errors import EffituneWarning, Notify, UserError, notifier
 from ..models.backbones import backbone_info
@@ -79,13 +78,9 @@ class Fitted:
     phases: list[dict]  # one entry per phase: val_acc, epochs, seconds, ..., best
 
 
-def default_cache_root() -> Path:
-    return Path(os.environ.get("EFFITUNE_CACHE", Path.home() / ".cache" / "effitune"))
-
-
 def image_cache(config: Config, cache_root: str | Path | None = None, size: int | None = None) -> ImageCache:
     """The run's resize-once cache at `size` (default: the run's image size)."""
-    return ImageCache(Path(cache_root) if cache_root else default_cache_root() / "images",
+    return ImageCache(images_root(cache_root),
                       size or config.data.image_size, max_pixels=config.data.max_pixels)
 
 
