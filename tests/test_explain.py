@@ -58,6 +58,21 @@ def test_explain_batch_gives_one_normalised_heatmap_per_image_for_the_class_aske
     assert np.allclose(with_default, logits, atol=1e-4)  # the same forward pass, whatever the target
 
 
+def test_heat_in_a_corner_or_at_the_edges_is_flagged_and_on_the_object_not():
+    from effitune.explain import heat_summary
+
+    y, x = np.mgrid[0:56, 0:56]
+    blob = lambda cx, cy: np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / 60.0).astype(np.float32)  # noqa: E731
+    ring = ((np.minimum(np.minimum(x, y), np.minimum(55 - x, 55 - y)) < 6)).astype(np.float32)
+    corner = heat_summary([blob(6, 50), blob(8, 48)])
+    assert corner["flagged"] == "corner" and corner["corner"] == "bottom left" and corner["images"] == 2
+    assert corner["centroid"][0] < 0.2 and corner["centroid"][1] > 0.8
+    assert heat_summary([ring])["flagged"] == "edges"
+    centred = heat_summary([blob(28, 26), blob(30, 30), np.zeros((56, 56), np.float32)])
+    assert centred["flagged"] is False and centred["images"] == 2 and centred["centre_share"] > 0.9
+    assert heat_summary([np.zeros((8, 8), np.float32)]) == {"images": 0, "flagged": False}
+
+
 def test_saved_overlays_of_images_with_the_same_name_do_not_overwrite_each_other(tmp_path):
     item = Explanation("a/cat.jpg", label="x", probability=0.9, target="x", heatmap=np.ones((8, 8), np.float32),
                        box=(0, 0, 40, 40), image_size=(40, 40), peak=(0.5, 0.5), image=Image.new("RGB", (40, 40)))

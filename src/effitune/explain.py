@@ -84,8 +84,8 @@ def explain_batch(network: Network, images: np.ndarray, targets: Sequence[int] |
     with torch.enable_grad():
         maps = cam.attribute(batch.requires_grad_(True), target=chosen, relu_attributions=True)
     maps = LayerAttribution.interpolate(maps.detach().float(), (size, size), interpolate_mode="bilinear")[:, 0]
-    top = maps.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
-    heatmaps = torch.where(top > 1e-12, maps / top, torch.zeros_like(maps)).clamp_(0, 1)
+    top = maps.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]  # an all-zero map stays zero
+    heatmaps = (maps / top).clamp_(0, 1)
     return logits.cpu().numpy(), heatmaps.cpu().numpy().astype(np.float32)
 
 
@@ -147,15 +147,17 @@ def save_overlay(explanation: Explanation, folder: str | Path, taken: set[str] |
 
 CORNER_SIDE = 1 / 3  # a corner square's side, as a fraction of the crop's side (1/9 of its area)
 CORNER_SHARE = 0.25  # a class whose mean heat puts this share in one corner square is flagged (uniform: 0.11)
+CENTRE_SHARE = 0.1  # ... or less than this share in the middle half of each side, off the object (uniform: 0.25)
 _CORNERS = ("top left", "top right", "bottom left", "bottom right")
 
 
 def heat_summary(heatmaps: Sequence[np.ndarray]) -> dict:
     """Where a set of heatmaps (of one class) puts its mass on average, each scaled to sum 1:
     `centroid` [x, y] and `centre_share` (in the middle half of each side) as fractions of the crop,
-    `corner` (the corner square, of side `CORNER_SIDE`, with the most mass) and its `corner_share`;
-    `flagged` when that share reaches `CORNER_SHARE`: a mark, a watermark or a border there may be
-    what the model learnt instead of the object."""
+    `corner` (the corner square, of side `CORNER_SIDE`, with the most mass) and its `corner_share`.
+    `flagged`: "corner" when that share reaches `CORNER_SHARE` (a mark or a watermark there may be what
+    the model learnt instead of the object), "edges" when under `CENTRE_SHARE` of the mass is in the
+    middle (a border or the background, where a photographed object seldom is), else False."""
     usable = [h / h.sum() for h in heatmaps if h.sum() > 0]
     if not usable:
         return {"images": 0, "flagged": False}
@@ -164,8 +166,9 @@ def heat_summary(heatmaps: Sequence[np.ndarray]) -> dict:
     y, x = np.mgrid[0:rows, 0:columns]
     k, q = max(1, round(rows * CORNER_SIDE)), rows // 4
     shares = [mean[:k, :k].sum(), mean[:k, -k:].sum(), mean[-k:, :k].sum(), mean[-k:, -k:].sum()]
-    corner = int(np.argmax(shares))
+    corner, centre = int(np.argmax(shares)), float(mean[q:rows - q, q:columns - q].sum())
+    flagged = "corner" if shares[corner] >= CORNER_SHARE else "edges" if centre < CENTRE_SHARE else False
     return {"images": len(usable), "centroid": [round(float((mean * (x + 0.5)).sum() / columns), 3),
                                                 round(float((mean * (y + 0.5)).sum() / rows), 3)],
-            "centre_share": round(float(mean[q:rows - q, q:columns - q].sum()), 3), "corner": _CORNERS[corner],
-            "corner_share": round(float(shares[corner]), 3), "flagged": bool(shares[corner] >= CORNER_SHARE)}
+            "centre_share": round(centre, 3), "corner": _CORNERS[corner],
+            "corner_share": round(float(shares[corner]), 3), "flagged": flagged}

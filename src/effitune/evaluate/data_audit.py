@@ -380,11 +380,19 @@ def shortcut_warnings(shortcut: dict) -> list[str]:
 
 
 def heat_warnings(heat: dict) -> list[str]:
-    return [f"Where the model looks: for '{printable(name)}' {summary['corner_share']:.0%} of the heat of "
-            f"{summary['images']} images sits in the {summary['corner']} corner (1/9 of the image). A mark, "
-            "watermark, border or background there may be what the model learnt instead of the object: look "
-            f"at `effitune explain` overlays of that class." for name, summary in heat.get("classes", {}).items()
-            if summary.get("flagged")]
+    lines = []
+    for name, summary in heat.get("classes", {}).items():
+        if summary.get("flagged") == "corner":
+            where = (f"{summary['corner_share']:.0%} of the heat of {summary['images']} images sits in the "
+                     f"{summary['corner']} corner (1/9 of the image). A mark or watermark there")
+        elif summary.get("flagged") == "edges":
+            where = (f"only {summary['centre_share']:.0%} of the heat of {summary['images']} images is in the middle "
+                     "of the image (a quarter of it). A border or the background")
+        else:
+            continue
+        lines.append(f"Where the model looks: for '{printable(name)}' {where} may be what the model learnt "
+                     "instead of the object: look at `effitune explain` overlays of that class.")
+    return lines
 
 
 def _heat_table(heat: dict) -> Any:
@@ -396,8 +404,9 @@ def _heat_table(heat: dict) -> Any:
             table.add_row(name, "no heat", "", "", "")
             continue
         x, y = summary["centroid"]
+        flag = f"! {summary['flagged']}" if summary["flagged"] else ""
         table.add_row(name, f"{x:.2f}, {y:.2f}", f"{summary['centre_share']:.0%}",
-                      f"{summary['corner_share']:.0%} {summary['corner']}", "!" if summary["flagged"] else "")
+                      f"{summary['corner_share']:.0%} {summary['corner']}", flag)
     return table
 
 
