@@ -1,14 +1,16 @@
-"""Deployment trade-off in one run: accuracy x batch-1 latency x size for PyTorch, ONNX fp32 and ONNX INT8.
+"""Deployment trade-off in one run: accuracy x batch-1 latency x size for PyTorch and every export format
+(ONNX fp32/INT8, OpenVINO fp32/INT8, LiteRT fp32/full-integer INT8).
 
 For each backbone (same Fashion-MNIST subset, same resolution, same small training settings) it trains
-a bundle (or takes `--bundles`), exports ONNX with the parity gate and INT8 calibrated on the training
-split, and benchmarks every backend on this machine. Because a run's own test split is small, fp32 and
+a bundle (or takes `--bundles`), exports each of `--formats` with the parity gate and INT8 calibrated on
+the training split, and benchmarks every backend on this machine. Because a run's own test split is small, fp32 and
 INT8 accuracy are also measured on `--official-test` images per class of the official test part, which
 no run saw; on the first bundle the same images compare INT8 settings (per-tensor vs per-channel
-weights, stem conv quantized or kept in float). Last, lite0 at 224 px, batch 1: ONNX fp32 and INT8 vs
+weights, stem conv quantized or kept in float). Last, lite0 at 224 px, batch 1: every format vs
 PyTorch eager (the first bundle's weights re-packaged at 224 px: a speed measurement only).
 
     python benchmarks/export_bench.py --models lite0 lite1 lite2 --per-class 150 --out /tmp/export-bench
+    python benchmarks/export_bench.py --bundles demo/run/model --formats onnx openvino tflite --out /tmp/formats
 """
 from __future__ import annotations
 
@@ -27,13 +29,14 @@ from rich.table import Table
 from effitune import bundle as bundles
 from effitune.config import load_config
 from effitune.datasets import export_fashion_mnist
-from effitune.export import ONNX_FILES, export_onnx
+from effitune.export import ONNX_FILES, export
 from effitune.export.bench import benchmark, measure, save, table
 from effitune.export.artifacts import load_images
 from effitune.export.quantize import calibration_images, quantize_file
 from effitune.predict import expand_sources
 from effitune.runtime.batching import run_in_batches
-from effitune.runtime.engines import OnnxEngine
+from effitune.runtime import EXPORT_FILES
+from effitune.runtime.engines import OnnxEngine, open_engine
 from effitune.pipeline import train
 
 console = Console()
@@ -50,6 +53,25 @@ def train_bundle(images: Path, out: Path, backbone: str, size: int, epochs: int)
     return train(images, out=out, config=config).bundle
 
 
+def export_all(bundle: Path, formats: list[str]) -> None:
+    """Each format with its INT8 file; prints what each check measured on the run's own test split."""
+    for format in formats:
+        for backend, result in export(bundle, format, int8=True).items():
+            check = (f"parity max |logit diff| {result['parity']['max_abs_logit_diff']:.1e}" if "parity" in result else
+                     f"test split ({result['accuracy_images']} images) float {result['float_accuracy']:.4f} -> INT8 "
+                     f"{result['accuracy']:.4f}, same unknown decision {result.get('unknown_agreement', float('nan')):.1%}")
+            console.print(f"{bundle} {backend}: {result['bytes'] / 1e6:.1f} MB, {check}")
+
+
+def accuracy_torch(bundle: Path, paths: list[str], names: list[str]) -> float:
+    from effitune.predict import Predictor
+
+    meta = bundles.read_meta(bundle)
+    images, readable = load_images(paths, int(meta["preprocessing"]["size"]))
+    labels = np.array([meta["classes"].index(names[i]) for i in readable])
+    return accuracy(Predictor(bundle, backend="torch").engine, images, labels)
+
+
 def official_test(out: Path, per_class: int) -> tuple[list[str], list[str]]:
     folder = export_fashion_mnist(out / "fashion-mnist-test", per_class=per_class, part="test")
     paths = list(expand_sources([folder]))
@@ -64,7 +86,8 @@ def held_out_accuracy(bundle: Path, paths: list[str], names: list[str]) -> dict:
     meta = bundles.read_meta(bundle)
     images, readable = load_images(paths, int(meta["preprocessing"]["size"]))
     labels = np.array([meta["classes"].index(names[i]) for i in readable])
-    return {backend: accuracy(OnnxEngine(bundle / ONNX_FILES[backend]), images, labels) for backend in ("onnx", "int8")}
+    return {backend: accuracy(open_engine(bundle, backend), images, labels) for backend in EXPORT_FILES
+            if (bundle / EXPORT_FILES[backend]).is_file()}
 
 
 def int8_ablation(bundle: Path, paths: list[str], names: list[str], out: Path, runs: int) -> list[dict]:
@@ -110,6 +133,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--epochs", type=int, default=4, help="Epochs per phase (head, then the last stage).")
     parser.add_argument("--runs", type=int, default=50, help="Timed batch-1 calls per backend.")
+    parser.add_argument("--formats", nargs="+", default=["onnx", "openvino", "tflite"],
+                        help="Export formats (each with --int8); openvino and tflite need their extras.")
     parser.add_argument("--out", type=Path, default=Path("/tmp/export-bench"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -123,10 +148,7 @@ def main() -> None:
         bundle_paths = [train_bundle(images, args.out / f"run-{name}", f"tf_efficientnet_{name}", args.image_size,
                                      args.epochs) for name in args.models]
     for bundle in bundle_paths:
-        result = export_onnx(bundle, int8=True)
-        console.print(f"{bundle}: parity max |logit diff| {result['onnx']['parity']['max_abs_logit_diff']:.1e}; "
-                      f"test split ({result['int8']['accuracy_images']} images) fp32 "
-                      f"{result['int8']['onnx_accuracy']:.4f}, INT8 {result['int8']['accuracy']:.4f}")
+        export_all(bundle, args.formats)
 
     report["rows"] = benchmark(bundle_paths, runs=args.runs)
     console.print(table(report["rows"]))
@@ -134,15 +156,15 @@ def main() -> None:
 
     if args.official_test:
         paths, names = official_test(args.out, args.official_test)
-        held_out = Table("model", "fp32 ONNX", "INT8", "drop (points)",
-                         title=f"official test part, {len(paths)} images")
         report["official_test"] = {}
         for bundle in bundle_paths:
-            scores = held_out_accuracy(bundle, paths, names)
+            scores = {"torch": accuracy_torch(bundle, paths, names), **held_out_accuracy(bundle, paths, names)}
             report["official_test"][str(bundle)] = scores
-            held_out.add_row(str(bundle), f"{scores['onnx']:.4f}", f"{scores['int8']:.4f}",
-                             f"{100 * (scores['onnx'] - scores['int8']):.2f}")
-        console.print(held_out)
+            held_out = Table("backend", "accuracy", "vs PyTorch (points)",
+                             title=f"{bundle}: official test part, {len(paths)} images")
+            for backend, value in scores.items():
+                held_out.add_row(backend, f"{value:.4f}", f"{100 * (value - scores['torch']):+.2f}")
+            console.print(held_out)
         report["int8_ablation"] = int8_ablation(bundle_paths[0], paths, names, args.out, args.runs)
         ablation = Table("INT8 variant", "accuracy", "size MB", "p50 ms",
                          title=f"{bundle_paths[0]}, {len(paths)} images")
@@ -152,15 +174,14 @@ def main() -> None:
         console.print(ablation)
 
     large = repackage(bundle_paths[0], 224, args.out / "lite0-224")
-    export_onnx(large, int8=True)  # 96-px weights at 224 px: the accuracy is not the point here, speed is
+    export_all(large, args.formats)  # 96-px weights at 224 px: the accuracy is not the point here, speed is
     report["rows_224"] = benchmark([large], runs=args.runs)
     console.print(table(report["rows_224"]))
     by_backend = {row["backend"]: row for row in report["rows_224"]}
-    report["ratios_224"] = {name: by_backend["torch"]["latency_p50_ms"] / by_backend[name]["latency_p50_ms"]
-                            for name in ("onnx", "int8")}
-    console.print(f"224 px batch 1: PyTorch eager {by_backend['torch']['latency_p50_ms']:.1f} ms, ONNX fp32 "
-                  f"{by_backend['onnx']['latency_p50_ms']:.1f} ms ({report['ratios_224']['onnx']:.1f}x), INT8 "
-                  f"{by_backend['int8']['latency_p50_ms']:.1f} ms ({report['ratios_224']['int8']:.1f}x)")
+    report["ratios_224"] = {name: by_backend["torch"]["latency_p50_ms"] / row["latency_p50_ms"]
+                            for name, row in by_backend.items() if name != "torch"}
+    console.print("224 px batch 1 vs PyTorch eager: " + ", ".join(
+        f"{name} {by_backend[name]['latency_p50_ms']:.1f} ms ({ratio:.1f}x)" for name, ratio in report['ratios_224'].items()))
     report["machine_after"] = machine()
     (args.out / "export_bench.json").write_text(json.dumps(report, indent=2))
     console.print(f"machine after: {report['machine_after']}\nplot: {written['plot']}; all figures: "

@@ -93,7 +93,8 @@ def _print_notices(result) -> None:
 
 def backend_option():
     return typer.Option("auto", help="Engine: auto (ONNX Runtime on a CPU when `effitune export` wrote model.onnx, "
-                        "else PyTorch), torch, onnx, fp16 or int8 (after `effitune export --int8`).")
+                        "else PyTorch), torch, onnx, fp16, int8, openvino, openvino-int8, tflite or tflite-int8 "
+                        "(each after the `effitune export` that writes it).")
 
 
 @contextlib.contextmanager
@@ -531,14 +532,18 @@ def _check_can_listen(host: str, port: int) -> None:
 @app.command()
 @user_errors
 def export(bundle: Path = typer.Argument(..., help="Model bundle folder."),
-           fmt: str = typer.Option("onnx", "--format", help="Export target (onnx)."),
-           int8: bool = typer.Option(False, "--int8", help="Also write model.int8.onnx (static INT8, calibrated)."),
+           fmt: str = typer.Option("onnx", "--format", help="Export target: onnx (ONNX Runtime, any CPU), openvino "
+                                   "(Intel CPUs/GPUs/NPUs; built from model.onnx) or tflite (LiteRT: phones, "
+                                   "Edge TPU)."),
+           int8: bool = typer.Option(False, "--int8", help="Also write the INT8 model, calibrated on the run's "
+                                     "training images (onnx: static QDQ; openvino: NNCF; tflite: full-integer)."),
            fp16: bool = typer.Option(False, "--fp16", help="Also write model.fp16.onnx (for GPUs; slower on CPUs)."),
            calibration: Optional[Path] = typer.Option(None, help="INT8 calibration images when the run's "
                                                       "manifest.csv is not next to the bundle."),
            samples: Optional[Path] = typer.Option(None, help="Images for the parity check when there is no manifest."),
            json_output: bool = typer.Option(False, "--json")):
-    """Export to ONNX, written only if ONNX Runtime matches PyTorch on real images; optional INT8/fp16."""
+    """Export to ONNX, OpenVINO or LiteRT (TFLite), each written only if it matches PyTorch on real images;
+    optional INT8 (fp16: ONNX only)."""
     import warnings
 
     from .export import export as run_export
@@ -555,9 +560,11 @@ def export(bundle: Path = typer.Argument(..., help="Model bundle folder."),
             check = (f"max |logit diff| {parity['max_abs_logit_diff']:.1e}, top-1 agreement "
                      f"{parity['top1_agreement']:.1%}")
         else:
-            accuracy = (f"test accuracy {info['onnx_accuracy']:.4f} -> {info['accuracy']:.4f}, "
+            accuracy = (f"test accuracy {info['float_accuracy']:.4f} -> {info['accuracy']:.4f}, "
                         if info.get("accuracy") is not None else "no labelled test split, ")
             check = f"{accuracy}top-1 agreement with fp32 {info['top1_agreement']:.1%} ({info['agreement_images']})"
+            if info.get("unknown_agreement") is not None:
+                check += f", same unknown-image decision {info['unknown_agreement']:.1%}"
         err.print(f"{escape(str(bundle / info['file']))}: {info['bytes'] / 1e6:.1f} MB; {escape(check)}", highlight=False)
         if info.get("warning"):
             _warn(info["warning"])

@@ -25,9 +25,9 @@ from .errors import EffituneWarning, UserError
 from .models.network import Network
 from .explain import Explanation, explain_batch, peak as explanation_peak
 from .ood import load_detector
-from .runtime import ONNX_FILES
+from .runtime import EXPORT_FILES, EXPORT_OPTIONS, EXTRAS
 from .runtime.batching import run_in_batches, softmax
-from .runtime.engines import OnnxEngine, TorchEngine, choose_backend, load_network
+from .runtime.engines import TorchEngine, choose_backend, load_network, open_engine
 from .runtime import graph
 
 
@@ -86,15 +86,15 @@ class Predictor:
         `auto` the bundle runs in PyTorch instead, with a warning."""
         if self.backend == "torch":
             return TorchEngine(self.network, self.device)
-        path = self.folder / ONNX_FILES[self.backend]
+        path = self.folder / EXPORT_FILES[self.backend]
         problem, engine = self._stale_export(path), None
-        fix = f"Export it again: `effitune export {self.folder}`"
+        fix = f"Export it again: `effitune export {self.folder} {EXPORT_OPTIONS[self.backend]}`"
         if problem is None:
             try:
-                engine = OnnxEngine(path)
-            except ImportError as error:  # onnxruntime is the optional `effitune[export]`
-                problem, fix = f"{path} needs ONNX Runtime ({error.name} is not installed)", \
-                    "Install it: pip install 'effitune[export]'"
+                engine = open_engine(self.folder, self.backend)
+            except ImportError as error:  # each runtime is an optional extra (onnxruntime, openvino, ai-edge-litert)
+                problem, fix = f"{path} needs {error.name}, which is not installed", \
+                    f"Install it: pip install 'effitune[{EXTRAS[self.backend]}]'"
             except Exception as error:  # noqa: BLE001 - a damaged or foreign file: said, never a traceback
                 problem = f"{path} cannot be read ({type(error).__name__}: {str(error)[:200]})"
         problem = problem or self._wrong_shape(engine, path)
@@ -116,8 +116,8 @@ class Predictor:
                    "a re-train)"
         return None
 
-    def _wrong_shape(self, engine: "OnnxEngine", path: Path) -> str | None:
-        """An ONNX file must give this bundle's classes and the features its statistics were fitted on."""
+    def _wrong_shape(self, engine, path: Path) -> str | None:
+        """An exported file must give this bundle's classes and the features its statistics were fitted on."""
         embedding = self.meta.get("embedding") or {}
         expected = embedding["pooled_dim"] + embedding["prefix_dim"] if embedding else None
         if engine.logit_width is not None and engine.logit_width != len(self.classes):
@@ -456,5 +456,6 @@ def _describe(error: Exception, source: str = "") -> str:
 
 
 def load(folder: str | Path, device: str = "cpu", backend: str = "auto") -> Predictor:
-    """Load a model bundle for prediction (`backend`: auto | torch | onnx | fp16 | int8)."""
+    """Load a model bundle for prediction (`backend`: auto | torch | onnx | fp16 | int8 | openvino |
+    openvino-int8 | tflite | tflite-int8)."""
     return Predictor(folder, device=device, backend=backend)

@@ -47,8 +47,9 @@ def test_cli_export_int8_then_benchmark(exported_run, reuse_graph, tmp_path):
 
 
 def test_cli_refuses_unknown_format_and_missing_bundle(tmp_path):
-    result = runner.invoke(app, ["export", str(tmp_path), "--format", "tflite"])
-    assert result.exit_code == 2 and "Unknown export format 'tflite'" in result.output
+    result = runner.invoke(app, ["export", str(tmp_path), "--format", "coreml"])
+    assert result.exit_code == 2 and "Unknown export format 'coreml'. Choose one of: onnx, openvino, tflite" \
+        in result.output
     result = runner.invoke(app, ["benchmark", str(tmp_path / "nowhere"), "--json"])
     assert result.exit_code == 2 and "does not exist. Pass the model bundle folder" in result.output
 

@@ -54,7 +54,8 @@ def copy_run(bundle: Path, destination: Path, keep: tuple[str, ...] = ()) -> Pat
     """Copy of the run (manifest + bundle) with only the `keep` exported files."""
     destination.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(bundle.parent / "manifest.csv", destination / "manifest.csv")
-    shutil.copytree(bundle, destination / "model", ignore=shutil.ignore_patterns("model*.onnx"))
+    shutil.copytree(bundle, destination / "model", ignore=shutil.ignore_patterns("model*.onnx", "model*.tflite",
+                                                                                   "model*.xml", "model*.bin"))
     for name in keep:
         shutil.copyfile(bundle / name, destination / "model" / name)
     if not keep:

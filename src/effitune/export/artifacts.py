@@ -16,6 +16,7 @@ from ..data.manifest import manifest_hash, read_manifest
 from ..errors import EffituneWarning, UserError
 from ..ood import stratified_sample
 from ..predict import expand_sources
+from ..runtime.graph import TOLERANCES, check_parity
 
 PARITY_IMAGES = 128
 
@@ -27,6 +28,22 @@ def record_export(bundle: Path, **sections: dict) -> dict:
     sections = {name: {**section, "weights_sha1": fingerprint} for name, section in sections.items()}
     exported = {**read_meta(bundle).get("export", {}), **sections}
     return update_meta(bundle, export=exported)
+
+
+def parity_gate(engine, images: np.ndarray, reference: tuple[np.ndarray, np.ndarray], path: Path, described: str,
+                runtime: str, instead: str, precision: str = "fp32") -> dict:
+    """The check every exported file passes before it replaces `path`: `engine` (on the temporary file)
+    against PyTorch's `reference` outputs on real images; a UserError that names what disagreed, else
+    the parity record."""
+    parity = {**check_parity(engine, images, reference, TOLERANCES[precision]), "images": described}
+    if not parity["passed"]:
+        raise UserError(
+            f"{path.name} not written: {runtime} disagrees with PyTorch on {parity['n']} {described} "
+            f"(max |logit difference| {parity['max_abs_logit_diff']:.2e}, allowed "
+            f"{parity['tolerance']['allowed_max_abs_logit_diff']:.1e}; top-1 agreement {parity['top1_agreement']:.1%}, "
+            f"needed {parity['tolerance']['min_top1_agreement']:.0%}). {instead}, and report the backbone and the "
+            "versions (torch and the converter) as a bug.")
+    return parity
 
 
 # --- real images for the checks -----------------------------------------------------------------

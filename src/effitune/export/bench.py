@@ -1,24 +1,27 @@
-"""Speed, size and accuracy of each backend of a bundle on this machine: PyTorch eager, ONNX fp32/fp16/INT8.
+"""Speed, size and accuracy of each backend of a bundle on this machine: PyTorch eager, ONNX fp32/fp16/INT8,
+OpenVINO fp32/INT8 and LiteRT fp32/INT8.
 
 Batch-1 latency is what one request waits (p50/p95 over `runs` calls after warm-up); batch-32
 throughput is what a batch job gets. Inputs are uint8 images at the bundle's size, so the
-uint8 -> float conversion is timed too. Accuracy is read from the bundle (the test split at training,
-fp32 ONNX and INT8 re-measured at export), not evaluated again.
+uint8 -> float conversion is timed too. Accuracy is read from the bundle (the test split at training; each
+INT8 file and its float graph re-measured at export; a float export that passed the parity gate gives
+PyTorch's decisions), not evaluated again.
 """
 from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 from rich.table import Table
 
 from ..bundle import WEIGHTS_FILE, Preprocessing, read_meta
-from ..errors import UserError
+from ..errors import EffituneWarning, UserError
 from ..predict import Predictor
 from ..runtime.engines import available_cores
-from . import ONNX_FILES
+from ..runtime import EXPORT_FILES, OPENVINO_FILES
 
 
 def benchmark(bundles: list[str | Path], *, runs: int = 50, warmup: int = 10, batch_size: int = 32,
@@ -30,27 +33,49 @@ def benchmark(bundles: list[str | Path], *, runs: int = 50, warmup: int = 10, ba
     for bundle in map(Path, bundles):
         meta = read_meta(bundle)
         for backend in backends or available_backends(bundle):
-            engine = Predictor(bundle, backend=backend).engine
+            try:
+                engine = Predictor(bundle, backend=backend).engine
+            except UserError as error:  # e.g. its runtime is not installed here: the other rows still count
+                if backends:
+                    raise
+                warnings.warn(f"{bundle}: no {backend} row ({error})", EffituneWarning, stacklevel=2)
+                continue
             timing = measure(engine, Preprocessing.from_meta(meta).size, runs, warmup, batch_size)
             rows.append({**describe(bundle, meta, backend), **timing})
     return rows
 
 
 def available_backends(bundle: Path) -> list[str]:
-    return ["torch", *(backend for backend, name in ONNX_FILES.items() if (bundle / name).is_file())]
+    return ["torch", *(backend for backend, name in EXPORT_FILES.items() if (bundle / name).is_file())]
+
+
+# A float export's accuracy: re-measured beside its INT8 file where there is one, else PyTorch's (the
+# parity gate holds it to PyTorch's logits within 1e-3).
+FLOAT_OF = {"onnx": "int8", "openvino": "openvino-int8", "tflite": "tflite-int8"}
 
 
 def describe(bundle: Path, meta: dict, backend: str) -> dict:
     exported = meta.get("export", {})
     test_accuracy = (meta.get("metrics") or {}).get("accuracy")
-    accuracy = {"torch": test_accuracy,
-                "onnx": exported.get("int8", {}).get("onnx_accuracy", test_accuracy),  # parity-checked
-                "fp16": test_accuracy if "fp16" in exported else None,  # within the fp16 parity gate
-                "int8": exported.get("int8", {}).get("accuracy")}[backend]
-    file = bundle / (WEIGHTS_FILE if backend == "torch" else ONNX_FILES[backend])
+    if backend == "torch":
+        accuracy = test_accuracy
+    elif backend in FLOAT_OF:
+        quantized = exported.get(FLOAT_OF[backend], {})
+        accuracy = quantized.get("float_accuracy", quantized.get("onnx_accuracy", test_accuracy))
+    elif backend == "fp16":
+        accuracy = test_accuracy if "fp16" in exported else None  # within the fp16 parity gate
+    else:
+        accuracy = exported.get(backend, {}).get("accuracy")
+    file = bundle / (WEIGHTS_FILE if backend == "torch" else EXPORT_FILES[backend])
     return {"bundle": str(bundle), "model": f"{meta['backbone'].replace('tf_efficientnet_', '')} "
             f"{Preprocessing.from_meta(meta).size}px", "backend": backend, "file": file.name,
-            "bytes": file.stat().st_size, "accuracy": accuracy}
+            "bytes": file_bytes(file, backend), "accuracy": accuracy}
+
+
+def file_bytes(file: Path, backend: str) -> int:
+    """On disk; an OpenVINO IR is its .xml and its .bin."""
+    extra = file.with_suffix(".bin").stat().st_size if backend in OPENVINO_FILES else 0
+    return file.stat().st_size + extra
 
 
 def measure(engine, size: int, runs: int = 50, warmup: int = 10, batch_size: int = 32) -> dict:
@@ -98,7 +123,8 @@ def plot(rows: list[dict], path: str | Path) -> Path:
     figure = Figure(figsize=(7.5, 5))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    colours = {"torch": "tab:red", "onnx": "tab:blue", "fp16": "tab:purple", "int8": "tab:green"}
+    colours = {"torch": "tab:red", "onnx": "tab:blue", "fp16": "tab:purple", "int8": "tab:green",
+               "openvino": "tab:cyan", "openvino-int8": "tab:olive", "tflite": "tab:orange", "tflite-int8": "tab:brown"}
     for index, row in enumerate(r for r in rows if r["accuracy"] is not None):
         axes.scatter(row["latency_p50_ms"], 100 * row["accuracy"], s=20 + 12 * row["bytes"] / 1e6, alpha=0.6,
                      color=colours.get(row["backend"], "tab:gray"), edgecolors="black", linewidths=0.5,

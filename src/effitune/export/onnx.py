@@ -24,15 +24,14 @@ import torch
 
 from .. import files
 from ..bundle import Preprocessing, read_meta
-from ..data.images import is_url
 from ..errors import EffituneWarning, UserError
 from ..models.network import Network
 from ..runtime import ONNX_FILES
 from ..runtime.batching import run_in_batches
 from ..runtime.engines import OnnxEngine, TorchEngine, load_network
-from ..runtime.graph import INPUT, OPSET, OUTPUTS, TOLERANCES, LogitsAndFeatures, check_parity, torchscript_onnx
+from ..runtime.graph import INPUT, OPSET, OUTPUTS, LogitsAndFeatures, torchscript_onnx
 from ..version import __version__
-from .artifacts import manifest_images, parity_images, record_export
+from .artifacts import parity_gate, parity_images, record_export
 
 
 
@@ -47,12 +46,9 @@ def export_onnx(bundle: str | Path, *, int8: bool = False, fp16: bool = False,
     """
     bundle = Path(bundle)
     meta = read_meta(bundle)
-    if int8 and calibration is None and manifest_images(bundle, meta, "train", 16) is None:
-        from .quantize import no_calibration
-        raise no_calibration(bundle)  # before anything is written
-    if int8 and calibration is not None and not _exists(calibration):
-        raise UserError(f"--calibration {calibration} does not exist. Pass a folder (or files) of typical training "
-                        "images.")
+    if int8:
+        from .quantize import require_calibration
+        require_calibration(bundle, meta, calibration)  # before anything is written
     network = load_network(bundle, meta)
     images, described = parity_images(bundle, meta, samples)
     model, exporter = to_onnx(network, Preprocessing.from_meta(meta).size)  # before TorchEngine: NCHW layout
@@ -69,16 +65,6 @@ def export_onnx(bundle: str | Path, *, int8: bool = False, fp16: bool = False,
         from .quantize import quantize_int8
         results["int8"] = quantize_int8(bundle, calibration)
     return results
-
-
-def _exists(sources) -> bool:
-    """A calibration folder, file or glob pattern that names something (arrays and URLs are not checked here)."""
-    import glob
-
-    if isinstance(sources, np.ndarray):
-        return True
-    return any(is_url(source) or Path(source).exists() or glob.glob(str(source)) for source in
-               ([sources] if isinstance(sources, (str, Path)) else sources))
 
 
 # --- conversion ---------------------------------------------------------------------------------
@@ -138,16 +124,6 @@ def write_checked(model: onnx.ModelProto, path: Path, images: np.ndarray,
     """Save to a temporary file, compare with PyTorch, and rename into place only if it agrees."""
     with files.replacing(path) as temporary:
         onnx.save(model, temporary)
-        parity = check_parity(OnnxEngine(temporary), images, reference, TOLERANCES[precision])
-        parity["images"] = described
-        if not parity["passed"]:
-            raise UserError(
-                f"{path.name} not written: ONNX Runtime disagrees with PyTorch on {parity['n']} {described} "
-                f"(max |logit difference| {parity['max_abs_logit_diff']:.2e}, allowed "
-                f"{parity['tolerance']['allowed_max_abs_logit_diff']:.1e}; top-1 agreement "
-                f"{parity['top1_agreement']:.1%}, "
-                f"needed {parity['tolerance']['min_top1_agreement']:.0%}). Keep serving with the PyTorch backend "
-                "and report the backbone and versions (torch, onnx, onnxruntime) as a bug.")
+        parity = parity_gate(OnnxEngine(temporary), images, reference, path, described, "ONNX Runtime",
+                             "Keep serving with the PyTorch backend", precision)
     return {"file": path.name, "bytes": path.stat().st_size, "precision": precision, "parity": parity}
-
-

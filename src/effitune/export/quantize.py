@@ -25,8 +25,9 @@ from ..bundle import Preprocessing, read_meta, update_meta
 from ..errors import EffituneWarning, UserError
 from ..ood import load_detector, thresholds_for
 from ..runtime.batching import run_in_batches, to_model_input
-from ..runtime.engines import OnnxEngine
-from ..runtime import ONNX_FILES
+from ..data.images import is_url
+from ..runtime.engines import OnnxEngine, open_engine
+from ..runtime import EXPORT_FILES, EXPORT_OPTIONS, QUANTIZED
 from ..runtime.graph import INPUT
 from .artifacts import as_images, manifest_images, record_export
 
@@ -45,63 +46,99 @@ def quantize_int8(bundle: str | Path, calibration: str | Path | None = None, *, 
     run's manifest.csv next to the bundle.
     """
     bundle = Path(bundle)
-    meta = read_meta(bundle)
-    source, target = bundle / ONNX_FILES["onnx"], bundle / ONNX_FILES["int8"]
-    if not source.is_file():
-        raise UserError(f"{source} is missing: run `effitune export {bundle} --format onnx --int8` (the fp32 "
-                        "export comes first and is what gets quantized).")
-    calibration_set, described = calibration_images(bundle, meta, calibration, images)
-    detector = load_detector(bundle, meta)
+    meta, source, target, calibration_set, described = quantization_start(bundle, "onnx", calibration, images)
     with files.replacing(target) as temporary:
         settings = quantize_file(source, temporary, calibration_set, per_channel, keep_stem_float)
-        thresholds = unknown_thresholds(bundle, meta, detector, OnnxEngine(temporary))
-        accuracy = compare(bundle, meta, OnnxEngine(source), OnnxEngine(temporary), calibration_set, detector,
-                           thresholds)
+        judged, thresholds = judge_quantized(bundle, meta, OnnxEngine(source), OnnxEngine(temporary), calibration_set,
+                                             described)
     result = {"file": target.name, "bytes": target.stat().st_size, "onnx_bytes": source.stat().st_size,
-              "calibration": {"images": len(calibration_set), "source": described}, "settings": settings, **accuracy}
-    if (accuracy.get("drop_points") or 0) > WARN_DROP_POINTS:
-        result["warning"] = (f"INT8 loses {accuracy['drop_points']:.1f} accuracy points against fp32 ONNX on "
-                             f"{accuracy['accuracy_images']} test images (one image = "
-                             f"{100 / accuracy['accuracy_images']:.2f} points); prefer model.onnx where accuracy "
-                             "matters")
-    elif accuracy["accuracy"] is None and accuracy["top1_agreement"] < WARN_AGREEMENT:
-        result["warning"] = (f"INT8 picks another class than fp32 ONNX for {1 - accuracy['top1_agreement']:.1%} of "
-                             f"the {accuracy['agreement_images']}; prefer model.onnx where accuracy matters, or "
-                             "calibrate on more (and more typical) training images with --calibration")
-    if len(calibration_set) < FEW_CALIBRATION_IMAGES:
-        few = (f"INT8 was calibrated on {len(calibration_set)} image(s) only: its value ranges may not fit other "
-               f"images (and agreement measured on them says little); pass a folder of {CALIBRATION_IMAGES} or so "
-               "typical training images with --calibration")
-        result["warning"] = f"{result['warning']}. {few}" if "warning" in result else few
-    if "warning" in result:
-        warnings.warn(result["warning"], EffituneWarning, stacklevel=2)
-    store_int8_thresholds(bundle, record_export(bundle, int8=result), thresholds)
+              "settings": settings, **judged, "onnx_accuracy": judged.get("float_accuracy")}
+    return record_quantized(bundle, "int8", result, thresholds)
+
+
+QUANTIZED_OF = {"onnx": "int8", "openvino": "openvino-int8", "tflite": "tflite-int8"}  # float backend -> INT8
+
+
+def quantization_start(bundle: Path, float_backend: str, calibration, limit: int
+                       ) -> tuple[dict, Path, Path, np.ndarray, str]:
+    """What every INT8 export starts from: (meta, its float file, which must exist, the INT8 file to
+    write, calibration images, where they come from)."""
+    meta = read_meta(bundle)
+    quantized = QUANTIZED_OF[float_backend]
+    source, target = bundle / EXPORT_FILES[float_backend], bundle / EXPORT_FILES[quantized]
+    if not source.is_file():
+        raise UserError(f"{source} is missing: run `effitune export {bundle} {EXPORT_OPTIONS[quantized]}` (the float "
+                        "model comes first: INT8 is made from it and judged against it).")
+    return (meta, source, target, *calibration_images(bundle, meta, calibration, limit))
+
+
+def judge_quantized(bundle: Path, meta: dict, float_engine, engine, calibration_set: np.ndarray,
+                    described: str) -> tuple[dict, dict | None]:
+    """What every INT8 export is judged on (ONNX Runtime, OpenVINO, LiteRT): accuracy on the test split
+    against its float graph, top-1 agreement and the same unknown-image decisions, each graph with
+    unknown-image thresholds of its own (fitted here on validation images). (result, thresholds)."""
+    detector = load_detector(bundle, meta)
+    thresholds = unknown_thresholds(bundle, meta, detector, engine)
+    accuracy = compare(bundle, meta, float_engine, engine, calibration_set, detector, thresholds)
+    result = {"calibration": {"images": len(calibration_set), "source": described}, **accuracy}
+    warning = quantized_warning(accuracy, len(calibration_set))
+    return ({**result, "warning": warning} if warning else result), thresholds
+
+
+def record_quantized(bundle: Path, backend: str, result: dict, thresholds: dict | None) -> dict:
+    """Once its file is in place: record an INT8 export under export.BACKEND, with its thresholds."""
+    if result.get("warning"):
+        warnings.warn(result["warning"], EffituneWarning, stacklevel=3)
+    store_int8_thresholds(bundle, record_export(bundle, **{backend: result}), thresholds, backend)
     return result
 
 
+def quantized_warning(accuracy: dict, calibration_images: int) -> str | None:
+    parts = []
+    if (accuracy.get("drop_points") or 0) > WARN_DROP_POINTS:
+        parts.append(f"INT8 loses {accuracy['drop_points']:.1f} accuracy points against its float graph on "
+                     f"{accuracy['accuracy_images']} test images (one image = "
+                     f"{100 / accuracy['accuracy_images']:.2f} points); prefer the float graph where accuracy matters")
+    elif accuracy["accuracy"] is None and accuracy["top1_agreement"] < WARN_AGREEMENT:
+        parts.append(f"INT8 picks another class than its float graph for {1 - accuracy['top1_agreement']:.1%} of "
+                     f"the {accuracy['agreement_images']}; prefer the float graph where accuracy matters, or "
+                     "calibrate on more (and more typical) training images with --calibration")
+    if calibration_images < FEW_CALIBRATION_IMAGES:
+        parts.append(f"INT8 was calibrated on {calibration_images} image(s) only: its value ranges may not fit "
+                     f"other images (and agreement measured on them says little); pass a folder of "
+                     f"{CALIBRATION_IMAGES} or so typical training images with --calibration")
+    return ". ".join(parts) or None
+
+
 def refit_int8_thresholds(bundle: str | Path) -> dict | None:
-    """After new unknown-image statistics: the INT8 graph's thresholds fitted again (the new `unknown`
+    """After new unknown-image statistics: every INT8 graph's thresholds fitted again (the new `unknown`
     section), or None when the bundle has no INT8 graph."""
     bundle = Path(bundle)
-    graph = bundle / ONNX_FILES["int8"]
-    if not graph.is_file():
-        return None
-    meta = read_meta(bundle)
-    thresholds = unknown_thresholds(bundle, meta, load_detector(bundle, meta), OnnxEngine(graph))
-    return store_int8_thresholds(bundle, meta, thresholds)
+    section = None
+    for backend in QUANTIZED:
+        if not (bundle / EXPORT_FILES[backend]).is_file():
+            continue
+        meta = read_meta(bundle)
+        try:
+            engine = open_engine(bundle, backend)
+        except ImportError:  # its runtime is not installed here: it keeps no thresholds rather than stale ones
+            engine = None
+        thresholds = engine and unknown_thresholds(bundle, meta, load_detector(bundle, meta), engine)
+        section = store_int8_thresholds(bundle, meta, thresholds, backend)
+    return section
 
 
-def store_int8_thresholds(bundle: Path, meta: dict, thresholds: dict | None) -> dict | None:
-    """Record the INT8 graph's thresholds, or none (an earlier graph's would no longer fit); the section."""
+def store_int8_thresholds(bundle: Path, meta: dict, thresholds: dict | None, backend: str = "int8") -> dict | None:
+    """Record an INT8 graph's thresholds, or none (an earlier graph's would no longer fit); the section."""
     section = meta.get("unknown")
     if section is None:
         return None
-    fitted = {**section.get("backend_thresholds", {}), "int8": thresholds}
+    fitted = {**section.get("backend_thresholds", {}), backend: thresholds}
     section = {**section, "backend_thresholds": {k: v for k, v in fitted.items() if v}}
     return update_meta(bundle, unknown=section)["unknown"]
 
 
-def unknown_thresholds(bundle: Path, meta: dict, detector, engine: OnnxEngine, limit: int = 5000) -> dict | None:
+def unknown_thresholds(bundle: Path, meta: dict, detector, engine, limit: int = 5000) -> dict | None:
     """Unknown-image thresholds for the INT8 graph, fitted on validation images as for fp32.
 
     Quantized features sit slightly apart from the fp32 training bank: on the demo model the fp32
@@ -128,6 +165,34 @@ def calibration_images(bundle: Path, meta: dict, calibration, limit: int) -> tup
     if found is None:
         raise no_calibration(bundle)
     return found[0], "train split (manifest.csv)"
+
+
+def export_start(bundle: str | Path, int8: bool, calibration) -> tuple[Path, dict]:
+    """(bundle folder, its meta); an INT8 export without calibration images is refused before any work."""
+    bundle = Path(bundle)
+    meta = read_meta(bundle)
+    if int8:
+        require_calibration(bundle, meta, calibration)
+    return bundle, meta
+
+
+def require_calibration(bundle: Path, meta: dict, calibration) -> None:
+    """Refuse an INT8 export before anything is written when it will have no calibration images."""
+    if calibration is None and manifest_images(bundle, meta, "train", 16) is None:
+        raise no_calibration(bundle)
+    if calibration is not None and not _names_something(calibration):
+        raise UserError(f"--calibration {calibration} does not exist. Pass a folder (or files) of typical training "
+                        "images.")
+
+
+def _names_something(sources) -> bool:
+    """A calibration folder, file or glob pattern that names something (arrays and URLs are not checked here)."""
+    import glob
+
+    if isinstance(sources, np.ndarray):
+        return True
+    return any(is_url(source) or Path(source).exists() or glob.glob(str(source)) for source in
+               ([sources] if isinstance(sources, (str, Path)) else sources))
 
 
 def no_calibration(bundle: Path) -> UserError:
@@ -169,9 +234,10 @@ class BatchReader(CalibrationDataReader):
         return next(self.batches, None)
 
 
-def compare(bundle: Path, meta: dict, fp32: OnnxEngine, int8: OnnxEngine, fallback: np.ndarray,
-            detector=None, int8_thresholds: dict | None = None) -> dict:
-    """Test accuracy of fp32 ONNX vs INT8 on the same images (top-1 agreement only without labels)."""
+def compare(bundle: Path, meta: dict, fp32, int8, fallback: np.ndarray, detector=None,
+            int8_thresholds: dict | None = None) -> dict:
+    """Test accuracy of the float graph vs its INT8 one on the same images (top-1 agreement only without
+    labels); any two engines."""
     found = manifest_images(bundle, meta, "test", ACCURACY_IMAGES)
     images = found[0] if found is not None else fallback
     out_fp32, out_int8 = run_in_batches(fp32, images, 32), run_in_batches(int8, images, 32)
@@ -187,6 +253,6 @@ def compare(bundle: Path, meta: dict, fp32: OnnxEngine, int8: OnnxEngine, fallba
     labels = found[1]
     accuracy_fp32 = float((logits_fp32.argmax(1) == labels).mean())
     accuracy_int8 = float((logits_int8.argmax(1) == labels).mean())
-    return {"accuracy": accuracy_int8, "onnx_accuracy": accuracy_fp32,
+    return {"accuracy": accuracy_int8, "float_accuracy": accuracy_fp32,
             "drop_points": round(100 * (accuracy_fp32 - accuracy_int8), 2), "accuracy_images": len(labels),
             **agreement, "agreement_images": "test split (manifest.csv)"}
