@@ -18,7 +18,7 @@ import torch
 from conftest import make_colour_dataset
 
 from effitune import bundle as bundles
-from effitune.data.manifest import manifest_hash, write_manifest
+from effitune.data.manifest import manifest_hash, read_manifest, write_manifest
 from effitune.errors import UserError
 from effitune.export import onnx as onnx_export
 from effitune.export.onnx import export_onnx
@@ -48,6 +48,11 @@ def make_run(root: Path, per_class: int = 12) -> Path:
     meta = {"classes": classes, "backbone": "tf_efficientnet_lite0", "manifest_sha1": manifest_hash(manifest),
             "preprocessing": {"size": SIZE, "mean": [0.5] * 3, "std": [0.5] * 3}, "metrics": {"accuracy": 0.4}}
     return bundles.save_bundle(root / "model", network.state_dict(), meta)
+
+
+def first_image(bundle: Path) -> Path:
+    """One of the run's images (the manifest's first row)."""
+    return Path(read_manifest(bundle.parent / "manifest.csv")[0]["path"])
 
 
 def copy_run(bundle: Path, destination: Path, keep: tuple[str, ...] = ()) -> Path:

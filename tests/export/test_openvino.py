@@ -6,7 +6,7 @@ import json
 import numpy as np
 import openvino as ov
 import pytest
-from test_onnx import copy_run, exported_run, images  # noqa: F401 - exported_run is a fixture
+from test_onnx import copy_run, exported_run, first_image, images  # noqa: F401 - exported_run is a fixture
 
 from effitune import bundle as bundles
 from effitune.errors import UserError
@@ -125,3 +125,20 @@ def test_fp16_and_unknown_formats_are_refused_with_the_choices(exported_run):
         export(exported_run, "openvino", fp16=True)
     with pytest.raises(UserError, match="Unknown export format 'coreml'. Choose one of: onnx, openvino, tflite"):
         export(exported_run, "coreml")
+
+
+def test_served_over_http_from_the_int8_ir(openvino_run):
+    from fastapi.testclient import TestClient
+
+    from effitune.serve import create_app
+
+    bundle, _ = openvino_run
+    image = first_image(bundle)
+    predictor = Predictor(bundle, backend="openvino-int8")
+    with TestClient(create_app(predictor)) as client:
+        response = client.post("/predict", files=[("files", (image.name, image.read_bytes(), "image/png"))])
+    assert response.status_code == 200, response.text
+    (result,) = response.json()["results"]
+    direct = predictor.predict([image])[0]
+    assert result["label"] == direct["label"]
+    assert result["probability"] == pytest.approx(direct["probability"], abs=1e-6)

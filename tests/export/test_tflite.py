@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from test_onnx import copy_run, exported_run, images  # noqa: F401 - exported_run is a fixture
+from test_onnx import copy_run, exported_run, first_image, images  # noqa: F401 - exported_run is a fixture
 from typer.testing import CliRunner
 
 from effitune import bundle as bundles
@@ -87,7 +87,7 @@ def test_a_disagreeing_model_is_refused_and_nothing_is_left(tflite_run, tmp_path
     bundle, _ = tflite_run
     fresh = copy_run(bundle, tmp_path / "run")
     converted = (bundle / "model.tflite").read_bytes()
-    monkeypatch.setattr(tflite_export, "convert", lambda network, size, calibration=None: converted)
+    monkeypatch.setattr(tflite_export, "convert", lambda bundle, meta, calibration=None: converted)
 
     class Broken(LiteRtEngine):  # a 1% error in the logits: what a broken kernel might do
         def run(self, batch):
@@ -122,3 +122,12 @@ def test_benchmark_rows_for_each_model(tflite_run):
     record = bundles.read_meta(bundle)["export"]
     assert rows["tflite"]["accuracy"] == record["tflite-int8"]["float_accuracy"]
     assert rows["tflite-int8"]["bytes"] == record["tflite-int8"]["bytes"]
+
+
+def test_predict_cli_runs_the_litert_model(tflite_run):
+    bundle, _ = tflite_run
+    image = first_image(bundle)
+    result = CliRunner().invoke(app, ["predict", str(bundle), str(image), "--backend", "tflite", "--json"])
+    assert result.exit_code == 0, result.output
+    line = json.loads(result.stdout.splitlines()[0])
+    assert line["label"] == Predictor(bundle, backend="torch").predict([image])[0]["label"]

@@ -44,9 +44,8 @@ def export_tflite(bundle: str | Path, *, int8: bool = False,
                   calibration: str | Path | None = None) -> dict:
     """Write BUNDLE/model.tflite and, with `int8`, model.int8.tflite; return what was checked."""
     bundle, meta = export_start(bundle, int8, calibration)
-    size = Preprocessing.from_meta(meta).size
     images, described = parity_images(bundle, meta, samples)
-    converted = convert(load_network(bundle, meta), size)
+    converted = convert(bundle, meta)
     reference = run_in_batches(TorchEngine(load_network(bundle, meta)), images, 32)
     results = {"tflite": write_checked(with_metadata(converted, meta), bundle / TFLITE_FILES["tflite"], images,
                                        reference, described)}
@@ -81,9 +80,27 @@ class PhoneModel(torch.nn.Module):
         return self.network.backbone.get_classifier()(pooled), features
 
 
-def convert(network, size: int, calibration: np.ndarray | None = None) -> bytes:
-    """The LiteRT flatbuffer of the network (float32; full-integer INT8 when calibration images are given)."""
+def convert(bundle: Path, meta: dict, calibration: np.ndarray | None = None) -> bytes:
+    """The LiteRT flatbuffer of the bundle's network (float32; full-integer INT8 when calibration images are
+    given), converted in a child process.
+
+    litert-torch brings JAX and its threads (and XLA's native libraries) into the process that imports it;
+    a caller that forks later (DataLoader workers, a server) would fork a multithreaded JAX, which JAX
+    warns may deadlock, and the test suite crashed once with all of them loaded in one process. A spawned
+    child (a few seconds to start) keeps them out of the caller.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+        return child.submit(convert_here, str(bundle), meta, calibration).result()
+
+
+def convert_here(bundle: str, meta: dict, calibration: np.ndarray | None = None) -> bytes:
+    """`convert`, in this process."""
     import litert_torch
+
+    network, size = load_network(bundle, meta), Preprocessing.from_meta(meta).size
 
     module = PhoneModel(network.eval()).eval()
     example = (torch.rand(1, size, size, 3),)
@@ -135,7 +152,7 @@ def quantize_tflite(bundle: str | Path, calibration: str | Path | None = None, *
     """BUNDLE/model.int8.tflite, full-integer, calibrated; judged against model.tflite and recorded."""
     bundle = Path(bundle)
     meta, source, target, calibration_set, described = quantization_start(bundle, "tflite", calibration, images)
-    model = convert(load_network(bundle, meta), Preprocessing.from_meta(meta).size, calibration_set)
+    model = convert(bundle, meta, calibration_set)
     with files.replacing(target, suffix=".tflite") as temporary:
         temporary.write_bytes(with_metadata(model, meta))
         judged, thresholds = judge_quantized(bundle, meta, LiteRtEngine(source), LiteRtEngine(temporary),
