@@ -100,6 +100,38 @@ def test_a_wrong_unknown_dir_is_refused_before_training(tiny_dataset_module, tmp
         assert result.exit_code == 2 and fragment in result.output and not (tmp_path / "run").exists()
 
 
+def test_calibrate_unknown_learns_from_examples_without_retraining(trained, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    out, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(out / "model", run / "model")
+    shutil.copy(out / "manifest.csv", run / "manifest.csv")
+    weights = (run / "model" / "weights.safetensors").read_bytes()
+    rng = np.random.default_rng(0)
+    for folder, count in (("examples", 12), ("new", 4)):
+        (tmp_path / folder).mkdir()
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(tmp_path / folder / f"{i}.png")
+    result = runner.invoke(app, ["calibrate-unknown", str(run / "model"), "--unknown-dir", str(tmp_path / "examples"),
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    section = json.loads(result.stdout)
+    assert section["score"] == "examples" and section["n_unknown_examples"] == 12
+    assert json.loads((run / "model" / "effitune.json").read_text())["unknown"] == section
+    assert (run / "model" / "weights.safetensors").read_bytes() == weights  # no retraining
+    lines = runner.invoke(app, ["predict", str(run / "model"), str(tmp_path / "new"), "--json"]).stdout.splitlines()
+    assert [json.loads(line)["score_name"] for line in lines] == ["examples"] * 4
+    # mistakes: a manifest of other classes, a folder that is not there
+    other = tmp_path / "other.csv"
+    other.write_text((run / "manifest.csv").read_text().replace(",red,", ",crimson,"))
+    wrong = runner.invoke(app, ["calibrate-unknown", str(run / "model"), "--manifest", str(other)])
+    assert wrong.exit_code == 2 and "does not know (crimson)" in " ".join(wrong.output.split())
+    missing = runner.invoke(app, ["calibrate-unknown", str(run / "model"), "--unknown-dir", str(tmp_path / "no")])
+    assert missing.exit_code == 2 and "is not a folder" in missing.output
+
+
 def test_a_refused_run_leaves_no_folder_behind(tiny_dataset_module, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_dataset_module, data)

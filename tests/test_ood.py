@@ -77,13 +77,50 @@ def test_feature_scores_separate_far_features(detector):
         assert ood.ood_metrics(known[name], unknown[name])["auroc"] > 0.99, name
 
 
-def test_auto_picks_the_best_score_on_unknown_examples(detector):
+def look_alikes(n: int, seed: int, dim: int = 32):
+    """(logits, features): images of class 0 moved 2 units along one direction, a new class beside it."""
+    logits, features, _ = clusters(n, classes=1, seed=seed)
+    direction = np.random.default_rng(7).normal(size=dim)
+    features = features + 2.0 * (direction / np.linalg.norm(direction)).astype(np.float32)
+    return logits, features
+
+
+def test_auto_picks_the_best_score_on_too_few_unknown_examples(detector):
     found, (val_logits, val_features) = detector
-    examples = clusters(50, seed=5, shift=8.0)[:2]
+    examples = clusters(2, seed=5, shift=8.0)[:2]  # 8 examples: fewer than the probe needs
     section = ood.calibrate(found, val_logits, val_features, 0.9, "auto", examples)
+    assert found.probe is None and "examples" not in section["thresholds"]
     assert section["score"] == max(section["example_auroc"], key=section["example_auroc"].get)
-    assert section["n_unknown_examples"] == 200
+    assert section["n_unknown_examples"] == 8 and "probe needs 10" in section["selected_by"]
     ood.calibrate(found, val_logits, val_features, 0.9)  # back to the default for the other tests
+
+
+def test_unknown_examples_teach_a_probe_that_rejects_look_alikes(detector, tmp_path):
+    found, (val_logits, val_features) = detector
+    before = found.scores(*look_alikes(100, seed=11))["knn"]
+    section = ood.calibrate(found, val_logits, val_features, 0.9, "auto", look_alikes(60, seed=10))
+    assert section["score"] == "examples" and "probe of 60 unknown examples" in section["selected_by"]
+    assert "examples" not in section["example_auroc"]  # trained on them: its AUROC there would flatter it
+    known = found.scores(val_logits, val_features)
+    new_look_alikes = found.scores(*look_alikes(100, seed=11))  # other images of the same new class
+    np.testing.assert_allclose(new_look_alikes["knn"], before)  # the other scores are untouched
+    plain = {name: ood.ood_metrics(known[name], new_look_alikes[name])["auroc"] for name in known}
+    assert max(plain[name] for name in ("knn", "mahalanobis")) < 0.85  # hard for the feature scores
+    assert plain["examples"] > 0.94 and plain["examples"] > plain["knn"] + 0.1
+    far = found.scores(*clusters(100, seed=4, shift=8.0)[:2])  # unlike the examples: the default's veto holds
+    assert ood.ood_metrics(known["examples"], far["examples"])["auroc"] > 0.99
+    assert section["val_tpr"] == pytest.approx(0.9, abs=0.01)
+    fresh = found.score(*clusters(250, seed=3)[:2])  # the threshold still keeps new known images
+    assert (~found.is_unknown(fresh)).mean() == pytest.approx(0.9, abs=0.04)
+    found.save(tmp_path)
+    loaded = ood.UnknownDetector.load(tmp_path, found.section)
+    np.testing.assert_allclose(loaded.score(val_logits, val_features), found.score(val_logits, val_features),
+                               rtol=1e-5, atol=1e-5)
+    section = ood.calibrate(found, val_logits, val_features, 0.9)  # no examples: no probe, the default again
+    assert found.probe is None and section["score"] == "knn" and "examples" not in found.available
+    with pytest.raises(ood.UserError, match="needs at least 10 example images of no class"):
+        ood.calibrate(found, val_logits, val_features, 0.9, "examples")
+    ood.calibrate(found, val_logits, val_features, 0.9)
 
 
 def test_saved_detector_scores_the_same(detector, tmp_path):
@@ -256,12 +293,29 @@ def test_ood_eval_json(tiny_bundle):
     result = runner.invoke(app, ["ood-eval", str(folder), "--known", str(held_out), "--unknown", str(noise), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["n_unknown"] == 20 and set(report["scores"]) == set(ood.SCORES)
+    assert report["n_unknown"] == 20 and set(report["scores"]) == set(ood.SCORES) - {"examples"}
     assert report["scores"]["knn"]["auroc"] > 0.95 and report["scores"]["knn-frozen"]["auroc"] > 0.95
     assert {"fpr_at_95_tpr", "selective_accuracy", "known_accepted", "unknown_rejected"} <= set(report["scores"]["knn"])
     mixed = runner.invoke(app, ["ood-eval", str(folder), "--known", str(held_out), "--unknown", str(noise),
                                 "--unknown", str(images_in(held_out)[0])])
     assert "warning: 1 of the unknown images are also known images" in " ".join(mixed.stderr.split())
+
+
+def test_unknown_examples_travel_in_the_bundle_to_predict(tiny_bundle, tmp_path):
+    import shutil
+
+    folder, held_out, noise = tiny_bundle
+    copy = shutil.copytree(folder, tmp_path / "model")
+    predictor = Predictor(copy)
+    known, noisy = images_in(held_out), images_in(noise)
+    logits, features = predictor.run(np.stack([predictor.preprocess(p) for p in known]))
+    labels = np.array([predictor.classes.index(p.parent.name) for p in known])
+    examples = predictor.run(np.stack([predictor.preprocess(p) for p in noisy[:12]]))
+    section = ood.fit_and_attach(copy, 1.0, (features, labels), (logits, features, labels), unknown=examples,
+                                 pooled_dim=predictor.pooled_dim)
+    assert section["score"] == "examples" and section["n_unknown_examples"] == 12
+    lines = predict_json(copy, *noisy[12:])
+    assert all(line["unknown"] and line["score_name"] == "examples" for line in lines)
 
 
 @pytest.mark.parametrize("which, verdicts", [("held_out", {"no drift detected"}), ("noise", {"strong"})])

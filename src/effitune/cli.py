@@ -236,8 +236,9 @@ def train(data: Optional[Path] = typer.Argument(None, help="Data folder / CSV (n
           precision: Optional[str] = typer.Option(None, help="auto | 32-true | bf16-mixed | 16-mixed."),
           logger: Optional[str] = typer.Option(None, help="csv | tensorboard | mlflow, or several comma-joined."),
           seed: Optional[int] = typer.Option(None),
-          unknown_dir: Optional[Path] = typer.Option(None, help="Example images of no class: the unknown-image "
-                                                     "score is chosen on them (default score: knn-frozen)."),
+          unknown_dir: Optional[Path] = typer.Option(None, help="Example images of no class (10 or more): a "
+                                                     "probe learns what sets them apart and joins the default "
+                                                     "unknown-image score (knn-frozen)."),
           json_output: bool = typer.Option(False, "--json", help="Print the test metrics as JSON.")):
     """Scan -> split -> two-stage training -> evaluation on the test split -> model bundle."""
     from .pipeline import train as run_train
@@ -631,6 +632,30 @@ def ood_eval(bundle: Path = typer.Argument(..., help="Model bundle folder."),
         table.add_row(name, f"{row['auroc']:.3f}", f"{row['fpr_at_95_tpr']:.3f}", f"{row['known_accepted']:.3f}",
                       f"{row['selective_accuracy']:.3f}", f"{row['unknown_rejected']:.3f}")
     err.print(table)
+
+
+@app.command("calibrate-unknown")
+@user_errors
+def calibrate_unknown(bundle: Path = typer.Argument(..., help="Model bundle folder (RUN/model)."),
+                      unknown_dir: Optional[Path] = typer.Option(None, help="Example images of no class (10 or more "
+                                                                 "teach a probe that joins the default score)."),
+                      manifest: Optional[Path] = typer.Option(None, help="The run's manifest.csv (default: "
+                                                              "RUN/manifest.csv beside the bundle)."),
+                      target_tpr: float = typer.Option(0.95, help="Share of new known images to accept."),
+                      score: str = typer.Option("auto", help="auto | msp | energy | knn | mahalanobis | knn-frozen | "
+                                                "examples."),
+                      json_output: bool = typer.Option(False, "--json", help="Print the bundle's unknown section.")):
+    """Fit the unknown-image statistics again, e.g. with example images of no class: no retraining."""
+    from .pipeline import calibrate_unknown as run_calibration
+
+    if not 0 < target_tpr <= 1:
+        raise UserError(f"--target-tpr {target_tpr} must be in (0, 1].")
+    section = run_calibration(bundle, manifest or bundle.parent / "manifest.csv", unknown_dir, target_tpr, score)
+    if json_output:
+        print_json(section)
+        return
+    err.print(f"unknown images: score '{escape(section['score'])}' ({escape(section['selected_by'])}); threshold "
+              f"{section['threshold']:.4f} keeps {section['val_tpr']:.1%} of validation images")
 
 
 @app.command()

@@ -14,6 +14,11 @@ Every score is "higher = more like the training data":
   The features of a bundle that has them are [pooled | pooled frozen prefix] (`pooled_dim` columns
   first); every other score reads the pooled part alone. Using features from several layers follows
   Lee et al. (2018)'s feature ensemble; taking the minimum lets either layer veto an image.
+- examples: only when example images of no class were given (`--unknown-dir`): a logistic probe
+  trained to tell the training features (the bank) from the examples' features, joined with the
+  default score (knn-frozen, else knn) as knn-frozen joins its parts: each standardized on validation,
+  the lower counts. The probe learns what sets the examples apart (a cheap form of outlier exposure,
+  Hendrycks et al., 2019); the default keeps its veto on unknowns unlike the examples.
 The threshold is the validation score that keeps `target_tpr` of new known images (a conformal
 quantile, `threshold_for`): an image that scores below it is reported as unknown. Tensors go to `ood.safetensors`, the choice and its numbers
 to the `unknown` section of effitune.json; no pickle anywhere.
@@ -37,6 +42,9 @@ OOD_FILE = "ood.safetensors"
 BANK_SIZE = 2000  # training features kept for knn; Sun et al. (2022) lose little even at 1% of ImageNet
 REFERENCE_SIZE = 1000  # validation features kept as the drift reference (held out, unlike the bank)
 MIN_STANDARDIZE = 20  # validation images knn-frozen needs to standardize its two parts (fewer: knn)
+MIN_EXAMPLES = 10  # unknown example images the examples probe needs (fewer: the best score on them is chosen)
+MAX_EXAMPLES = 5000  # examples the probe trains on at most (a seeded sample beyond)
+PROBE_C = 10.0  # inverse L2 strength of the examples probe (benchmarks/near_ood.py: C 1 / 10 / 100 within 0.01)
 EXPLAINED_VARIANCE = 0.9  # share of the shared covariance kept as explicit eigen-directions; the rest is isotropic
 SCORES: dict[str, Callable[["UnknownDetector", np.ndarray, np.ndarray], np.ndarray]] = {}
 
@@ -97,6 +105,8 @@ class UnknownDetector:
     pooled_dim: int | None = None  # leading feature columns that are the pooled features (None: all)
     prefix_bank: np.ndarray | None = None  # (N, P) normalized pooled frozen-prefix features of the bank images
     standardize: dict | None = None  # {"knn": [median, iqr], "prefix": [median, iqr]} of validation scores
+    probe: np.ndarray | None = None  # (D + 1,) weights and bias of the known-vs-examples probe, or None
+    probe_standardize: dict | None = None  # {"base": score, score: [median, iqr], "probe": [median, iqr]}
 
     @classmethod
     def fit(cls, train_features: np.ndarray, train_labels: np.ndarray, val_logits: np.ndarray,
@@ -133,8 +143,14 @@ class UnknownDetector:
 
     @property
     def available(self) -> list[str]:
-        """The scores this detector can compute (knn-frozen needs the frozen-prefix features)."""
-        return [name for name in SCORES if name != "knn-frozen" or self.standardize is not None]
+        """The scores this detector can compute (knn-frozen needs the frozen-prefix features, examples a probe)."""
+        needs = {"knn-frozen": self.standardize, "examples": self.probe}
+        return [name for name in SCORES if needs.get(name, True) is not None]
+
+    @property
+    def default_score(self) -> str:
+        """The score used when no example images of no class are given."""
+        return "knn-frozen" if "knn-frozen" in self.available else "knn"
 
     def pooled(self, features: np.ndarray) -> np.ndarray:
         """The pooled-feature columns of `features`."""
@@ -154,9 +170,11 @@ class UnknownDetector:
         """{score name: (N,) scores} for the named scores (default: all)."""
         unavailable = [name for name in (names or []) if name not in self.available]
         if unavailable:
-            raise UserError(f"unknown-image score '{unavailable[0]}' needs frozen-prefix features and at least "
-                            f"{MIN_STANDARDIZE} validation images, which this bundle's statistics lack; use one of "
-                            f"{', '.join(self.available)}.")
+            needs = (f"at least {MIN_EXAMPLES} example images of no class (--unknown-dir)"
+                     if unavailable[0] == "examples" else
+                     f"frozen-prefix features and at least {MIN_STANDARDIZE} validation images")
+            raise UserError(f"unknown-image score '{unavailable[0]}' needs {needs}, which this bundle's statistics "
+                            f"lack; use one of {', '.join(self.available)}.")
         return {name: SCORES[name](self, np.asarray(logits, np.float32), np.asarray(features, np.float32))
                 for name in (names or self.available)}
 
@@ -166,6 +184,40 @@ class UnknownDetector:
 
     def score(self, logits: np.ndarray, features: np.ndarray) -> np.ndarray:
         return self.scores(logits, features, [self.score_name])[self.score_name]
+
+    def probe_inputs(self, features: np.ndarray) -> np.ndarray:
+        """What the examples probe reads: the normalized pooled part, then the normalized prefix part."""
+        features = np.asarray(features, np.float32)
+        if self.prefix_bank is None:
+            return l2_normalize(self.pooled(features))
+        return np.hstack([l2_normalize(features[:, :self.pooled_dim]), l2_normalize(features[:, self.pooled_dim:])])
+
+    def probe_logit(self, features: np.ndarray) -> np.ndarray:
+        """The probe's log-odds that an image is known rather than like the examples."""
+        return (self.probe_inputs(features) @ self.probe[:-1] + self.probe[-1]).astype(np.float32)
+
+    def fit_probe(self, example_features: np.ndarray, val_logits: np.ndarray, val_features: np.ndarray,
+                  seed: int = 0) -> None:
+        """Train the examples probe: the bank (known) against the examples (unknown), classes weighted alike.
+
+        The known side is the training bank, not the validation images, so the threshold's validation
+        scores stay fresh to the probe. Its standardization (median, interquartile range) is that of the
+        validation scores, as knn-frozen's.
+        """
+        from sklearn.linear_model import LogisticRegression
+
+        examples = np.asarray(example_features, np.float32)
+        if len(examples) > MAX_EXAMPLES:
+            examples = examples[np.sort(np.random.default_rng(seed).choice(len(examples), MAX_EXAMPLES, replace=False))]
+        known = self.bank if self.prefix_bank is None else np.hstack([self.bank, self.prefix_bank])
+        inputs = np.vstack([known, self.probe_inputs(examples)])
+        truth = np.r_[np.ones(len(known)), np.zeros(len(examples))]
+        model = LogisticRegression(C=PROBE_C, max_iter=5000, class_weight="balanced").fit(inputs, truth)
+        self.probe = np.r_[model.coef_[0], model.intercept_].astype(np.float32)
+        base = self.default_score
+        self.probe_standardize = {
+            "base": base, base: _median_and_spread(self.scores(val_logits, val_features, [base])[base]),
+            "probe": _median_and_spread(self.probe_logit(val_features))}
 
     def use_backend(self, backend: str) -> "UnknownDetector":
         """Thresholds fitted for this engine's features (INT8 export), where the bundle has them."""
@@ -191,6 +243,9 @@ class UnknownDetector:
             tensors["prefix_bank"] = self.prefix_bank.astype(np.float16)
         if self.standardize is not None:
             metadata["standardize"] = json.dumps(self.standardize)
+        if self.probe is not None:
+            tensors["probe"] = self.probe.astype(np.float32)
+            metadata["probe_standardize"] = json.dumps(self.probe_standardize)
         # safetensors.numpy writes a transposed view's memory in the wrong order: make every array contiguous
         save_file({name: np.ascontiguousarray(array) for name, array in tensors.items()},
                   str(Path(folder) / OOD_FILE), metadata=metadata)
@@ -209,7 +264,8 @@ class UnknownDetector:
                    as_float["eigenvalues"], float(info["residual_variance"]), int(info["k"]), as_float["reference"],
                    tensors["reference_predicted"].astype(np.int64), dict(section),
                    int(info["pooled_dim"]) if "pooled_dim" in info else None, as_float.get("prefix_bank"),
-                   json.loads(info["standardize"]) if "standardize" in info else None)
+                   json.loads(info["standardize"]) if "standardize" in info else None, as_float.get("probe"),
+                   json.loads(info["probe_standardize"]) if "probe_standardize" in info else None)
 
 
 def _as_stored(features: np.ndarray) -> np.ndarray:
@@ -258,6 +314,15 @@ def _knn(detector: UnknownDetector, logits: np.ndarray, features: np.ndarray, ch
 def _knn_frozen(detector: UnknownDetector, logits: np.ndarray, features: np.ndarray) -> np.ndarray:
     parts = detector._knn_parts(features)
     return np.min([(parts[name] - median) / spread for name, (median, spread) in detector.standardize.items()],
+                  axis=0).astype(np.float32)
+
+
+@register_score("examples")
+def _examples(detector: UnknownDetector, logits: np.ndarray, features: np.ndarray) -> np.ndarray:
+    spread = detector.probe_standardize
+    base = spread["base"]
+    parts = {base: SCORES[base](detector, logits, features), "probe": detector.probe_logit(features)}
+    return np.min([(parts[name] - spread[name][0]) / spread[name][1] for name in (base, "probe")],
                   axis=0).astype(np.float32)
 
 
@@ -321,34 +386,51 @@ def ood_metrics(known: np.ndarray, unknown: np.ndarray) -> dict:
 
 
 def calibrate(detector: UnknownDetector, val_logits: np.ndarray, val_features: np.ndarray, target_tpr: float,
-              score: str = "auto", unknown: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+              score: str = "auto", unknown: tuple[np.ndarray, np.ndarray] | None = None, seed: int = 0) -> dict:
     """Fill `detector.section`: thresholds for every score at `target_tpr`, and which score predict uses.
 
     "auto" is knn-frozen where the bundle has frozen-prefix features, else knn (ahead of msp and
-    energy on OpenOOD v1.5's far-OOD sets), unless unknown example images were given: then the score
-    with the best AUROC against them (ties keep the earlier score).
+    energy on OpenOOD v1.5's far-OOD sets, and as good as any on near-OOD: benchmarks/near_ood.py).
+    With unknown example images (`unknown`: their logits and features), at least MIN_EXAMPLES of them,
+    the examples probe is fitted and "auto" is the `examples` score; with fewer, the score with the best
+    AUROC against them (ties keep the earlier score).
     """
     if score != "auto" and score not in SCORES:
         raise UserError(f"unknown.score '{score}' is not a score; use auto or one of {', '.join(SCORES)}.")
     if not len(val_logits):
         raise UserError("Unknown-image calibration needs validation images; the val split is empty.")
+    given = 0 if unknown is None else len(unknown[0])
+    detector.probe = detector.probe_standardize = None
+    if given >= MIN_EXAMPLES:
+        detector.fit_probe(unknown[1], val_logits, val_features, seed)
     val = detector.scores(val_logits, val_features)
     thresholds = thresholds_for(val, target_tpr)
     section = {"target_tpr": float(target_tpr), "thresholds": thresholds, "k": detector.k,
                "bank_size": len(detector.bank), "n_val": int(len(val_logits))}
-    default = "knn-frozen" if detector.prefix_bank is not None else "knn"
+    default = "knn-frozen" if detector.prefix_bank is not None else "knn"  # knn-frozen may fall back, with a reason
     chosen, how = (score, "configured") if score != "auto" else (default, "default (no unknown examples given)")
+    if chosen == "examples" and chosen not in detector.available:
+        raise UserError(f"unknown.score 'examples' needs at least {MIN_EXAMPLES} example images of no class "
+                        f"(--unknown-dir); {given} were given. Add examples or choose another score.")
     if chosen not in detector.available:  # knn-frozen without frozen layers (all trained, older bundle, tiny val)
         chosen, how = "knn", (f"knn: knn-frozen needs pooled features of layers training left frozen and at least "
                               f"{MIN_STANDARDIZE} validation images; this model has not both")
-    if unknown is not None and len(unknown[0]):
+    if given:
         examples = detector.scores(*unknown)
-        aurocs = {name: ood_metrics(val[name], examples[name])["auroc"] for name in detector.available}
+        # the probe trained on these examples: its AUROC on them would flatter it, so it is left out
+        aurocs = {name: ood_metrics(val[name], examples[name])["auroc"] for name in detector.available
+                  if name != "examples"}
         section["example_auroc"] = aurocs
-        section["n_unknown_examples"] = int(len(unknown[0]))
-        if score == "auto":
+        section["n_unknown_examples"] = int(given)
+        if score == "auto" and detector.probe is not None:
+            chosen = "examples"
+            how = (f"a probe of {given} unknown examples against the training features, joined with "
+                   f"{detector.default_score} "
+                   "(the lower counts)")
+        elif score == "auto":
             chosen = max(aurocs, key=aurocs.get)
-            how = f"best AUROC on {len(unknown[0])} unknown examples vs validation images"
+            how = (f"best AUROC on {given} unknown examples vs validation images (the examples probe needs "
+                   f"{MIN_EXAMPLES})")
     section.update(score=chosen, selected_by=how, threshold=thresholds[chosen],
                    val_tpr=float((val[chosen] >= thresholds[chosen]).mean()))
     detector.section = section
@@ -387,7 +469,7 @@ def fit_and_attach(folder: str | Path, temperature: float, train: tuple[np.ndarr
     if pooled_dim is None:
         pooled_dim = read_meta(folder).get("embedding", {}).get("pooled_dim")
     detector = UnknownDetector.fit(train[0], train[1], *val, temperature, bank_size, seed, pooled_dim)
-    calibrate(detector, val[0], val[1], target_tpr, score, unknown)
+    calibrate(detector, val[0], val[1], target_tpr, score, unknown, seed)
     return attach(folder, detector)["unknown"]
 
 

@@ -349,9 +349,18 @@ def _logits_and_features(embedded: Embedded) -> tuple[np.ndarray, np.ndarray]:
 def calibrate_unknown(bundle: str | Path, manifest: str | Path, unknown_dir: str | Path | None = None,
                       target_tpr: float = 0.95, score: str = "auto", bank_size: int = ood.BANK_SIZE) -> dict:
     """Add (or renew) a bundle's unknown-image statistics from its run's manifest (train + val splits);
-    an INT8 graph in the bundle gets its own thresholds again."""
+    an INT8 graph in the bundle gets its own thresholds again.
+
+    `unknown_dir`: example images of no class (`ood.calibrate`: 10 or more teach the examples probe),
+    e.g. images a deployed model wrongly took for a class: no retraining needed.
+    """
+    _check_unknown_dir(unknown_dir)
     predictor = Predictor(bundle)
     rows = read_manifest(manifest)
+    foreign = sorted({r["label"] for r in rows} - set(predictor.classes))
+    if foreign:
+        raise UserError(f"{manifest} has classes the bundle {bundle} does not know ({', '.join(foreign[:3])}): "
+                        "pass the manifest.csv of the run that trained this bundle.")
     label_of = {r["path"]: predictor.classes.index(r["label"]) for r in rows}
     train_paths = [r["path"] for r in rows if r["split"] == "train"]
     train_paths = [train_paths[i] for i in ood.stratified_sample([label_of[p] for p in train_paths], bank_size)]
