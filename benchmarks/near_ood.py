@@ -120,8 +120,8 @@ def far_sets(work: Path, domain: str, data: dict) -> dict[str, Path]:
     return sets
 
 
-def embed_split(split: Path, layout: dict, far: dict[str, Path]) -> dict:
-    """Train with the defaults, then one pass of the bundle over every set; returns the arrays."""
+def embed_split(split: Path, layout: dict, far: dict[str, Path], overrides: dict | None = None) -> dict:
+    """Train (with the defaults, or `overrides` of them), then one pass of the bundle over every set."""
     import effitune
     from effitune.data.manifest import read_manifest
     from effitune.predict import Predictor, embed
@@ -130,7 +130,8 @@ def embed_split(split: Path, layout: dict, far: dict[str, Path]) -> dict:
     began = time.perf_counter()
     if not (run / "model" / "effitune.json").is_file():
         shutil.rmtree(run, ignore_errors=True)
-        effitune.train(layout["train"], out=run, progress=False)
+        effitune.train(layout["train"], out=run, progress=False,
+                       config=effitune.load_config(overrides=overrides) if overrides else None)
     train_seconds = time.perf_counter() - began
     predictor = Predictor(run / "model")
     classes = predictor.classes
@@ -157,7 +158,7 @@ def embed_split(split: Path, layout: dict, far: dict[str, Path]) -> dict:
     return arrays
 
 
-def score_split(arrays: dict, far_names: list[str], examples: bool, seed: int) -> dict:
+def score_split(arrays: dict, far_names: list[str], examples: bool, seed: int, target_tpr: float = 0.95) -> dict:
     """Fit the unknown-image statistics as training does and evaluate every score on every set.
 
     With `examples`, also "best-on-examples": the score with the best AUROC on the examples, which is
@@ -171,7 +172,7 @@ def score_split(arrays: dict, far_names: list[str], examples: bool, seed: int) -
                                        arrays["val_features"], arrays["val_labels"], float(arrays["temperature"]),
                                        seed=seed, pooled_dim=int(arrays["pooled_dim"]))
     given = (arrays["set_examples_logits"], arrays["set_examples_features"]) if examples else None
-    section = ood.calibrate(detector, arrays["val_logits"], arrays["val_features"], 0.95, "auto", given, seed)
+    section = ood.calibrate(detector, arrays["val_logits"], arrays["val_features"], target_tpr, "auto", given, seed)
     known = (arrays["known_logits"], arrays["known_features"], arrays["known_labels"])
     result = {"score_used": detector.score_name, "test_accuracy": float(arrays["test_accuracy"]), "sets": {}}
     for name in ["unknown", *far_names]:
@@ -181,6 +182,39 @@ def score_split(arrays: dict, far_names: list[str], examples: bool, seed: int) -
             report["scores"]["best-on-examples"] = report["scores"][before]
         result["sets"][name] = report["scores"]
     return result
+
+
+def class_blocks(folder: Path) -> list[slice]:
+    """Rows of each class folder in an embedded set (`embed` reads folders sorted, files sorted)."""
+    counts = [len(list(sub.glob("*.png"))) for sub in sorted(p for p in folder.iterdir() if p.is_dir())]
+    ends = np.cumsum(counts)
+    return [slice(int(end - count), int(end)) for count, end in zip(counts, ends)]
+
+
+def examples_of_the_other_class(arrays: dict, split: Path, seed: int, target_tpr: float = 0.95) -> dict:
+    """Examples of one held-out class only, tested on the other held-out class: AUROC of `examples` and of
+    the default score, and the rejected share, averaged over both directions. Does the probe learn
+    "unlike the classes" or only "like these examples"?"""
+    from effitune import ood
+
+    given, tested = class_blocks(split / "examples"), class_blocks(split / "test-unknown")
+    chosen = ood.stratified_sample(arrays["train_labels"], ood.BANK_SIZE, seed)
+    known = (arrays["known_logits"], arrays["known_features"], arrays["known_labels"])
+    rows = []
+    for teach, test in ((0, 1), (1, 0)):
+        detector = ood.UnknownDetector.fit(arrays["train_features"][chosen], arrays["train_labels"][chosen],
+                                           arrays["val_logits"], arrays["val_features"], arrays["val_labels"],
+                                           float(arrays["temperature"]), seed=seed, pooled_dim=int(arrays["pooled_dim"]))
+        examples = (arrays["set_examples_logits"][given[teach]], arrays["set_examples_features"][given[teach]])
+        section = ood.calibrate(detector, arrays["val_logits"], arrays["val_features"], target_tpr, "auto", examples,
+                                seed)
+        unknown = (arrays["set_unknown_logits"][tested[test]], arrays["set_unknown_features"][tested[test]])
+        row = ood.evaluate_arrays(detector, known, unknown)["scores"]
+        row["best-on-examples"] = row[max(section["example_auroc"], key=section["example_auroc"].get)]
+        rows.append(row)
+    names = ("examples", "best-on-examples", detector.default_score)
+    return {score: {key: float(np.mean([row[score][key] for row in rows])) for key in ("auroc", "unknown_rejected")}
+            for score in names}
 
 
 def candidates(arrays: dict, far_names: list[str], seed: int) -> dict:
@@ -285,6 +319,9 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=150)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--score-only", action="store_true", help="Only score splits already embedded.")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="A training setting other than the default (e.g. train.label_smoothing=0); repeatable.")
+    parser.add_argument("--target-tpr", type=float, default=0.95, help="unknown.target_tpr of the thresholds.")
     parser.add_argument("--json", type=Path, help="Also write every split's results here.")
     args = parser.parse_args()
 
@@ -292,28 +329,29 @@ def main() -> None:
     domain_dir = args.work / args.domain
     far = far_sets(domain_dir, args.domain, data)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; command: {' '.join(sys.argv)}")
-    plain, given, others = [], [], []
+    plain, given, others, crossed = [], [], [], []
     for seed in args.seeds:
-        split = domain_dir / f"{args.per_class}-s{seed}"
+        split = domain_dir / ("-".join([f"{args.per_class}-s{seed}", *args.overrides]))
         cached = split / "arrays.npz"
         if not cached.is_file():
             if args.score_only:
                 continue
             layout = prepare_split(split, args.domain, data, args.per_class, seed)
-            arrays = embed_split(split, layout, far)
+            arrays = embed_split(split, layout, far, dict(item.split("=", 1) for item in args.overrides))
             np.savez(cached, **arrays)
         arrays = dict(np.load(cached))
         held = json.loads((split / ".prepared").read_text())
-        plain.append(score_split(arrays, list(far), False, seed))
-        given.append(score_split(arrays, list(far), True, seed))
+        plain.append(score_split(arrays, list(far), False, seed, args.target_tpr))
+        given.append(score_split(arrays, list(far), True, seed, args.target_tpr))
         others.append(candidates(arrays, list(far), seed))
+        crossed.append(examples_of_the_other_class(arrays, split, seed, args.target_tpr))
         row = plain[-1]["sets"]["unknown"]
         print(f"seed {seed} (held out {', '.join(held)}; train {float(arrays['train_seconds']):.0f} s, test accuracy "
               f"{plain[-1]['test_accuracy']:.3f}): near AUROC " + ", ".join(f"{s} {v['auroc']:.3f}" for s, v in row.items()),
               flush=True)
     if not plain:
         parser.error("no split embedded yet: run without --score-only first")
-    label = f"{args.domain}, {args.per_class} per class"
+    label = f"{args.domain}, {args.per_class} per class, target TPR {args.target_tpr}" + "".join(f", {item}" for item in args.overrides)
     lines = summarize(plain, label) + summarize(given, f"{label}, with {EXAMPLES_PER_CLASS} unknown examples per "
                                                         "held-out class (train part)")
     sets = ["unknown", *far]
@@ -322,9 +360,16 @@ def main() -> None:
     for score in others[0]["unknown"]:
         lines.append(f"| {score} | " + " | ".join(f"{np.mean([o[n][score] for o in others]):.3f} +- "
                                                   f"{np.std([o[n][score] for o in others]):.3f}" for n in sets) + " |")
+    lines += [f"\n### {label}: examples of one held-out class, tested on the other (mean of both directions)",
+              "| score | near AUROC | near rejected |", "|---|---|---|"]
+    for score in crossed[0]:
+        lines.append(f"| {score} | " + " | ".join(f"{np.mean([c[score][key] for c in crossed]):.3f} +- "
+                                                  f"{np.std([c[score][key] for c in crossed]):.3f}"
+                                                  for key in ("auroc", "unknown_rejected")) + " |")
     print("\n".join(lines))
     if args.json:
-        args.json.write_text(json.dumps({"plain": plain, "examples": given, "candidates": others}, indent=1))
+        args.json.write_text(json.dumps({"plain": plain, "examples": given, "candidates": others,
+                                               "examples_of_the_other_class": crossed}, indent=1))
 
 
 if __name__ == "__main__":
