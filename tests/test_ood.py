@@ -145,7 +145,7 @@ def test_knn_frozen_sees_unknowns_the_pooled_features_miss():
     found = ood.UnknownDetector.fit(train_features, train_labels, val_logits, val_features, val_labels,
                                     bank_size=600, pooled_dim=32)
     section = ood.calibrate(found, val_logits, val_features, 0.9)
-    assert section["score"] == "knn-frozen" and "knn-frozen" in section["thresholds"]
+    assert section["score"] == "ensemble" and {"knn-frozen", "ensemble"} <= set(section["thresholds"])
     assert found.bank.shape[1] == 32 and found.prefix_bank.shape[1] == 16 and found.reference.shape[1] == 32
     assert found.section["val_tpr"] == pytest.approx(0.9, abs=0.01)
     # unknowns like the classes in the pooled features, far off in the frozen-prefix ones
@@ -153,11 +153,37 @@ def test_knn_frozen_sees_unknowns_the_pooled_features_miss():
     known, unknown = found.scores(val_logits, val_features), found.scores(unknown_logits, unknown_features)
     assert ood.ood_metrics(known["knn"], unknown["knn"])["auroc"] < 0.7
     assert ood.ood_metrics(known["knn-frozen"], unknown["knn-frozen"])["auroc"] > 0.99
+    assert ood.ood_metrics(known["ensemble"], unknown["ensemble"])["auroc"] > 0.99  # knn-frozen's veto carries over
     # and far off in the pooled features only: still caught (the lower standardized score counts)
     far_logits, far_features, _ = with_prefix(clusters(100, seed=5, shift=8.0), seed=5)
-    assert ood.ood_metrics(known["knn-frozen"], found.score(far_logits, far_features))["auroc"] > 0.99
+    far = found.scores(far_logits, far_features)
+    assert ood.ood_metrics(known["knn-frozen"], far["knn-frozen"])["auroc"] > 0.99
+    assert ood.ood_metrics(known["ensemble"], found.score(far_logits, far_features))["auroc"] > 0.99
     with pytest.raises(ood.UserError, match="frozen-prefix columns"):
         found.score(val_logits, val_features[:, :40])
+
+
+def test_ensemble_is_the_mean_of_its_standardized_parts_and_older_bundles_keep_knn_frozen(tmp_path):
+    _, train_features, train_labels = with_prefix(clusters(100, seed=1), seed=1)
+    val_logits, val_features, val_labels = with_prefix(clusters(100, seed=2), seed=2)
+    found = ood.UnknownDetector.fit(train_features, train_labels, val_logits, val_features, val_labels, 1.5,
+                                    bank_size=200, pooled_dim=32)
+    ood.calibrate(found, val_logits, val_features, 0.9)
+    test_logits, test_features, _ = with_prefix(clusters(30, seed=3, shift=1.0), seed=3)
+    parts = found.scores(test_logits, test_features, ood.ENSEMBLE_PARTS)
+    # standardized on validation: each part's validation median maps to 0 and its interquartile range to 1
+    val_parts = found.scores(val_logits, val_features, ood.ENSEMBLE_PARTS)
+    expected = np.mean([(parts[name] - np.median(val_parts[name])) / np.subtract(*np.percentile(val_parts[name], [75, 25]))
+                        for name in ood.ENSEMBLE_PARTS], axis=0)
+    np.testing.assert_allclose(found.score(test_logits, test_features), expected, rtol=1e-4, atol=1e-4)
+    found.save(tmp_path)
+    loaded = ood.UnknownDetector.load(tmp_path, found.section)
+    np.testing.assert_allclose(loaded.score(test_logits, test_features), expected, rtol=1e-4, atol=1e-4)
+    # a bundle fitted before the ensemble existed: knn-frozen stays its default, even when calibrated again
+    loaded.ensemble_standardize = None
+    assert "ensemble" not in loaded.available and loaded.default_score == "knn-frozen"
+    section = ood.calibrate(loaded, val_logits, val_features, 0.9)
+    assert section["score"] == "knn-frozen" and "ensemble needs" in section["selected_by"]
 
 
 def test_knn_frozen_round_trips_and_is_refused_without_prefix_features(detector, tmp_path):
@@ -271,7 +297,7 @@ def predict_json(*args) -> list[dict]:
 def test_bundle_carries_the_unknown_section(tiny_bundle):
     folder, _, _ = tiny_bundle
     section = json.loads((folder / "effitune.json").read_text())["unknown"]
-    assert section["score"] == "knn-frozen" and section["target_tpr"] == 0.95 and section["val_tpr"] >= 0.95
+    assert section["score"] == "ensemble" and section["target_tpr"] == 0.95 and section["val_tpr"] >= 0.95
     assert (folder / ood.OOD_FILE).is_file()
 
 
@@ -282,7 +308,7 @@ def test_predict_json_reports_unknown_and_no_reject_keeps_the_class(tiny_bundle)
     keys = {"path", "label", "probability", "top_k", "unknown", "unknown_score", "score_name"}
     assert all(set(line) == keys for line in rejected)
     assert rejected[0]["unknown"] is False and rejected[0]["label"] is not None
-    assert rejected[1]["unknown"] is True and rejected[1]["label"] is None and rejected[1]["score_name"] == "knn-frozen"
+    assert rejected[1]["unknown"] is True and rejected[1]["label"] is None and rejected[1]["score_name"] == "ensemble"
     kept = predict_json(folder, known_file, noise_file, "--no-reject")
     assert kept[1]["unknown"] is True and kept[1]["label"] == kept[1]["top_k"][0]["label"]
     assert [line["unknown_score"] for line in kept] == pytest.approx([line["unknown_score"] for line in rejected])
@@ -294,7 +320,7 @@ def test_ood_eval_json(tiny_bundle):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["n_unknown"] == 20 and set(report["scores"]) == set(ood.SCORES) - {"examples"}
-    assert report["scores"]["knn"]["auroc"] > 0.95 and report["scores"]["knn-frozen"]["auroc"] > 0.95
+    assert all(report["scores"][name]["auroc"] > 0.95 for name in ("knn", "knn-frozen", "ensemble"))
     assert {"fpr_at_95_tpr", "selective_accuracy", "known_accepted", "unknown_rejected"} <= set(report["scores"]["knn"])
     mixed = runner.invoke(app, ["ood-eval", str(folder), "--known", str(held_out), "--unknown", str(noise),
                                 "--unknown", str(images_in(held_out)[0])])
@@ -392,8 +418,8 @@ def test_training_records_the_frozen_prefix_of_the_best_phase(best, depth):
     torch.testing.assert_close(features, torch.cat(expected, 1))
 
 
-def test_training_fits_knn_frozen_and_it_rejects_noise(tmp_path):
-    """The default path end to end: train() records the frozen prefix, fits knn-frozen, predict rejects noise."""
+def test_training_fits_the_ensemble_and_it_rejects_noise(tmp_path):
+    """The default path end to end: train() records the frozen prefix, fits the ensemble, predict rejects noise."""
     import effitune
 
     data = make_colour_dataset(tmp_path / "data", per_class=50, size=(40, 40))
@@ -402,7 +428,7 @@ def test_training_fits_knn_frozen_and_it_rejects_noise(tmp_path):
     result = effitune.train(data, out=tmp_path / "run", config=config, progress=False,
                             cache_root=tmp_path / "cache")
     meta = bundles.read_meta(result.bundle)
-    assert meta["unknown"]["n_val"] >= ood.MIN_STANDARDIZE and meta["unknown"]["score"] == "knn-frozen"
+    assert meta["unknown"]["n_val"] >= ood.MIN_STANDARDIZE and meta["unknown"]["score"] == "ensemble"
     depth = 1 if next(p["phase"] for p in meta["phases"] if p["best"]) == "stage2-depth1" else 0
     assert meta["embedding"]["frozen_depth"] == depth
     noise = tmp_path / "noise"
@@ -411,4 +437,4 @@ def test_training_fits_knn_frozen_and_it_rejects_noise(tmp_path):
     for i in range(20):
         Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(noise / f"{i}.png")
     report = evaluate_unknown(Predictor(result.bundle), tmp_path / "run" / "manifest.csv", [noise])
-    assert report["score_used"] == "knn-frozen" and report["scores"]["knn-frozen"]["auroc"] > 0.9
+    assert report["score_used"] == "ensemble" and report["scores"]["ensemble"]["auroc"] > 0.9

@@ -238,7 +238,7 @@ def train(data: Optional[Path] = typer.Argument(None, help="Data folder / CSV (n
           seed: Optional[int] = typer.Option(None),
           unknown_dir: Optional[Path] = typer.Option(None, help="Example images of no class (10 or more): a "
                                                      "probe learns what sets them apart and joins the default "
-                                                     "unknown-image score (knn-frozen)."),
+                                                     "unknown-image score (ensemble)."),
           json_output: bool = typer.Option(False, "--json", help="Print the test metrics as JSON.")):
     """Scan -> split -> two-stage training -> evaluation on the test split -> model bundle."""
     from .pipeline import train as run_train
@@ -643,7 +643,7 @@ def calibrate_unknown(bundle: Path = typer.Argument(..., help="Model bundle fold
                                                               "RUN/manifest.csv beside the bundle)."),
                       target_tpr: float = typer.Option(0.95, help="Share of new known images to accept."),
                       score: str = typer.Option("auto", help="auto | msp | energy | knn | mahalanobis | knn-frozen | "
-                                                "examples."),
+                                                "ensemble | examples."),
                       json_output: bool = typer.Option(False, "--json", help="Print the bundle's unknown section.")):
     """Fit the unknown-image statistics again, e.g. with example images of no class: no retraining."""
     from .pipeline import calibrate_unknown as run_calibration

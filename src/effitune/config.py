@@ -90,8 +90,8 @@ class TrainConfig:
 @dataclass
 class UnknownConfig:
     target_tpr: float = 0.95  # share of new known images to accept (a conformal quantile of validation scores)
-    # msp | energy | knn | mahalanobis | knn-frozen | examples (needs --unknown-dir) | auto: examples when
-    # --unknown-dir has >= 10 images, else knn-frozen (knn for a model without frozen layers)
+    # msp | energy | knn | mahalanobis | knn-frozen | ensemble | examples (needs --unknown-dir) | auto: examples
+    # when --unknown-dir has >= 10 images, else ensemble (knn for a model without frozen layers)
     score: str = "auto"
 
 
@@ -210,9 +210,10 @@ def validate(config: Config) -> None:
     if str(t.precision) not in PRECISIONS:
         raise ConfigError(f"train.precision '{t.precision}' must be one of {', '.join(PRECISIONS)} (Lightning's "
                           "names; auto: bf16-mixed on a GPU, 32-true on a CPU).")
-    if config.unknown.score not in ("auto", "msp", "energy", "knn", "mahalanobis", "knn-frozen", "examples"):
+    if config.unknown.score not in ("auto", "msp", "energy", "knn", "mahalanobis", "knn-frozen", "ensemble",
+                                    "examples"):
         raise ConfigError(f"unknown.score '{config.unknown.score}' must be auto, msp, energy, knn, mahalanobis, "
-                          "knn-frozen or examples.")
+                          "knn-frozen, ensemble or examples.")
     if not 0 < config.unknown.target_tpr <= 1:
         raise ConfigError(f"unknown.target_tpr ({config.unknown.target_tpr}) must be in (0, 1].")
 
