@@ -132,3 +132,10 @@ def test_measure_does_not_depend_on_the_decoded_scale():
     small, large = quality.measure(base.resize((128, 128))), quality.measure(base)
     assert small["blurriness"] == pytest.approx(large["blurriness"], rel=0.1)
     assert small["brightness_p99"] == pytest.approx(large["brightness_p99"], abs=0.02)
+
+
+def test_overexposed_and_low_information_images():
+    spread = [record(i, brightness_p05=0.05 + 0.002 * i, entropy=6.0 + 0.01 * i) for i in range(40)]
+    washed_out, blank = record(40, brightness_p05=0.8), record(41, entropy=1.5)
+    found = {(issue.kind, issue.path) for issue in find_quality_issues(spread + [washed_out, blank]).issues}
+    assert found == {("light", washed_out["path"]), ("low_information", blank["path"])}
