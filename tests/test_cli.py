@@ -364,3 +364,20 @@ def test_scan_names_the_rejected_files_20_in_its_table_all_in_json(tmp_path):
     rejected = json.loads(result.stdout)["rejected_files"]
     assert sorted(Path(row["path"]).name for row in rejected) == sorted(path.name for path in broken)
     assert {row["reason"] for row in rejected} == {"not an image"} and all(row["label"] == "cat" for row in rejected)
+
+
+def test_audit_lists_poor_images_in_its_table_and_json_without_a_model(tmp_path):
+    from conftest import make_colour_dataset
+    from PIL import Image
+
+    data = make_colour_dataset(tmp_path / "data", per_class=50)
+    with Image.open(data / "red" / "red_000.png") as image:
+        Image.eval(image.convert("RGB"), lambda value: value // 4).save(data / "red" / "underexposed.png")
+    as_json = runner.invoke(app, ["audit", str(data), "--out", str(tmp_path / "scan"), "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    rows = json.loads(as_json.stdout)["quality_issues"]
+    assert {Path(row["path"]).name for row in rows} == {"underexposed.png"}  # a quarter of the light: 2 bits less too
+    assert [(row["kind"], row["label"]) for row in rows] == [("dark", "red"), ("low_information", "red")]
+    table = runner.invoke(app, ["audit", str(tmp_path / "scan" / "records.jsonl")], terminal_width=200)
+    assert table.exit_code == 0 and "Image quality: 2 findings (1 dark, 1 low information)" in table.output
+    assert "underexposed.png" in "".join(ch for ch in table.output if ch.isascii() and not ch.isspace())  # folded

@@ -165,7 +165,8 @@ def audit(data: Path = typer.Argument(..., help="Data folder / CSV (scanned firs
           model: Optional[Path] = typer.Option(None, "--model", help="Model bundle: also find likely label "
                                                "errors, near duplicates, outliers and metadata shortcuts."),
           json_output: bool = typer.Option(False, "--json")):
-    """Class balance, resolutions, orientations, duplicates, label conflicts and split leakage."""
+    """Class balance, resolutions, orientations, duplicates, label conflicts, split leakage and poor images
+    (dark, light, blurry, low information, odd aspect or size, grayscale among colour)."""
     from .data.audit import audit as run_audit
     from .data.scan import scan as run_scan
 

@@ -18,7 +18,7 @@ from effitune.errors import UserError
 
 
 RECORD_FIELDS = ["path", "label", "split", "status", "reason", "detail", "width", "height", "mode", "format",
-                 "orientation", "frames", "bytes", "sha1", "phash", "dhash", "mean_rgb", "notes"]
+                 "orientation", "frames", "bytes", "sha1", "phash", "dhash", "mean_rgb", "quality", "notes"]
 BAD_NAME = b"\xff\xfe odd.png"  # not valid UTF-8
 
 

@@ -157,3 +157,32 @@ def test_a_handed_over_pass_is_used_only_when_it_covers_the_rows(run, tmp_path, 
     other = json.loads((tmp_path / "other" / "report.json").read_text())  # other rows: computed afresh
     assert calls == [1] and other["metrics"]["accuracy"] == pytest.approx(
         json.loads((run / "metrics.json").read_text())["accuracy"])
+
+
+def test_the_quality_gallery_shows_each_kind_from_the_scan_records(tmp_path):
+    """No model: the file-level audit's findings on the scan records, thumbnails of each kind in turn."""
+    from effitune.data.sources import read_source
+    from effitune.evaluate.report import Thumbnails, _quality_html, quality_gallery, quality_shown, quality_summary
+
+    data = make_colour_dataset(tmp_path / "data", per_class=50)
+    with Image.open(data / "red" / "red_000.png") as image:
+        image.convert("L").save(data / "red" / "grey.png")
+        image.resize((image.width * 3, image.height * 3)).save(data / "red" / "large.png")
+    source = read_source(data)
+    quality = quality_summary(source.rows, source.records)
+    assert quality["measured"] == 152 and quality["counts"] == {"odd_size": 1, "grayscale": 1}
+    assert [Path(q["path"]).name for q in quality_shown(quality["issues"])] == ["large.png", "grey.png"]
+    gallery = quality_gallery(quality, Thumbnails(source.rows, None, 32))
+    with Image.open(io.BytesIO(gallery)) as image:
+        assert image.format == "PNG" and image.width > 200
+    page = _quality_html(quality, {"quality": gallery})
+    assert 'data-figure="quality"' in page and "grey.png" in page and "1 odd size, 1 grayscale" in page
+    assert quality_summary(source.rows, None) is None and "Skipped" in _quality_html(None, {})
+    shown = quality_shown([{"kind": k, "n": n} for k in ("dark", "blurry") for n in range(10)], limit=4)
+    assert [(q["kind"], q["n"]) for q in shown] == [("dark", 0), ("blurry", 0), ("dark", 1), ("blurry", 1)]
+
+
+def test_the_training_report_has_the_quality_section(run):
+    summary = json.loads((run / "report" / "report.json").read_text())
+    assert summary["quality"]["measured"] == summary["audit"]["n"]  # every image of the run's scan measured
+    assert '<h3 id="quality">' in (run / "report" / "report.html").read_text()

@@ -1,9 +1,10 @@
-"""What is in the data: class balance, sizes, formats, rejected files, and duplicates.
+"""What is in the data: class balance, sizes, formats, rejected files, duplicates and poor images.
 
 Duplicates matter beyond tidiness: one image in both train and test inflates the test accuracy, and
 one image under two labels is a labelling mistake. Exact duplicates share a SHA-1; near duplicates
 have perceptual hashes within `near_duplicate_distance` bits, found by multi-index hashing rather
-than by comparing every pair.
+than by comparing every pair. Poor images (dark, light, blurry, low-information, odd aspect or size,
+grayscale among colour) are outliers against their own class or data set (`quality.py`).
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from ..config import DataConfig
 from ..errors import UserError
 from .scan import ScanResult, iter_records, printable
 from .manifest import read_manifest
+from .quality import KINDS as QUALITY_KINDS
+from .quality import QualityIssue, find_quality_issues
 
 _MAX_DISTANCE = 32  # beyond half the bits, unrelated images match
 _PAIR_BLOCK = 1 << 22  # bound on the pairs compared at once inside one bucket
@@ -198,6 +201,8 @@ class AuditReport:
     exact_duplicates: list[DuplicateGroup]
     near_duplicates: list[DuplicateGroup]
     near_duplicate_distance: int
+    quality_issues: list[QualityIssue] = field(default_factory=list)  # each kind's worst first
+    quality_measured: int = 0  # usable images whose records carry quality statistics
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -212,10 +217,17 @@ class AuditReport:
     def across_splits(self) -> list[DuplicateGroup]:
         return [g for g in self.exact_duplicates + self.near_duplicates if g.leakage]
 
+    @property
+    def quality_counts(self) -> dict[str, int]:
+        counts = Counter(issue.kind for issue in self.quality_issues)
+        return {kind: counts[kind] for kind in QUALITY_KINDS if counts[kind]}
+
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
         values["exact_duplicates"] = [g.to_dict() for g in self.exact_duplicates]
         values["near_duplicates"] = [g.to_dict() for g in self.near_duplicates]
+        values["quality_issues"] = [issue.to_dict() for issue in self.quality_issues]
+        values["quality_counts"] = self.quality_counts
         values["duplicate_counts"] = {"within_class": len(self.within_class),
                                       "across_classes": len(self.across_classes),
                                       "across_splits": len(self.across_splits)}
@@ -232,6 +244,11 @@ class AuditReport:
             if groups:
                 parts.append(_paths_table(f"{title}: {_plural(len(groups), 'group')}", ["kind", "files"],
                                           [[_kind(g), "\n".join(_located(g))] for g in groups]))
+        if self.quality_issues:
+            counts = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in self.quality_counts.items())
+            parts.append(_paths_table(f"Image quality: {_plural(len(self.quality_issues), 'finding')} ({counts})",
+                                      ["kind", "value", "typical", "file"],
+                                      [_quality_row(issue) for issue in self.quality_issues]))
         parts += [Text(f"! {warning}", style="yellow") for warning in self.warnings]
         return Group(*parts)
 
@@ -273,10 +290,16 @@ def _located(group: DuplicateGroup) -> list[str]:
             for path, label, split in zip(group.paths, group.labels, group.splits)]
 
 
+def _quality_row(issue: QualityIssue) -> list[str]:
+    split = f"/{issue.split}" if issue.split else ""
+    return [issue.kind.replace("_", " "), f"{issue.value:.3g}", f"{issue.typical:.3g}",
+            f"{printable(issue.path)}  [{printable(issue.label)}{split}]"]
+
+
 def _paths_table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
     table = Table(title=title, show_lines=True)
     for name in columns:
-        table.add_column(name)
+        table.add_column(name, overflow="fold")  # a path's end (the file name) must stay readable
     for row in rows[:_SHOWN]:
         table.add_row(*(escape(printable(cell)) for cell in row))
     if len(rows) > _SHOWN:
@@ -304,6 +327,7 @@ def audit(records: str | Path | ScanResult | Iterable[dict], *, manifest: str | 
         by_label[record["label"]].append(record)
     class_counts = {label: len(by_label[label]) for label in sorted(by_label)}
     exact, near = _duplicates(ok, config.near_duplicate_distance)
+    quality = find_quality_issues(ok)
     report = AuditReport(
         ok=len(ok), rejected_count=len(every) - len(ok), class_counts=class_counts,
         imbalance_ratio=max(class_counts.values()) / min(class_counts.values()) if class_counts else None,
@@ -314,6 +338,7 @@ def audit(records: str | Path | ScanResult | Iterable[dict], *, manifest: str | 
         rejected=[{key: r[key] for key in ("path", "label", "reason", "detail")} for r in every
                   if r["status"] != "ok"],
         exact_duplicates=exact, near_duplicates=near, near_duplicate_distance=config.near_duplicate_distance,
+        quality_issues=quality.issues, quality_measured=quality.measured,
     )
     report.warnings = _warnings(report)
     if manifest is not None and ok and not any(record["split"] for record in ok):
@@ -394,6 +419,15 @@ def _warnings(report: AuditReport) -> list[str]:
     if report.across_classes:
         warnings.append(f"{_plural(len(report.across_classes), 'duplicate group')} carry different labels: "
                         "check them and fix the labels.")
+    if report.quality_issues:
+        counts = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in report.quality_counts.items())
+        images = len({issue.path for issue in report.quality_issues})
+        warnings.append(f"{_plural(images, 'image')} {'stands' if images == 1 else 'stand'} out from the rest of "
+                        f"{'its' if images == 1 else 'their'} class or data set ({counts}): look at "
+                        f"{'it' if images == 1 else 'them'}, then fix, replace or remove {'it' if images == 1 else 'them'}.")
+    if report.ok and report.quality_measured < report.ok:
+        warnings.append(f"{report.ok - report.quality_measured} of {report.ok} records come from a scan older than the "
+                        "image-quality checks, which skip them: scan the data again.")
     if report.rejected:
         warnings.append(f"{len(report.rejected)} files were rejected and will not be used.")
     return warnings

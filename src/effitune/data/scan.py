@@ -32,6 +32,7 @@ from rich.table import Table
 from .. import distributed
 from ..config import DataConfig
 from ..errors import UserError
+from . import quality
 from .images import (IMAGE_EXTENSIONS, NEEDS_PLUGIN, decode, decode_side, is_image_name, is_url, read_bytes,
                      resize_center_crop)
 
@@ -81,7 +82,7 @@ def check_and_resize(task: Task, *, max_pixels: int, min_side: int, size: int | 
         "path": path, "label": label, "split": split, "status": "ok", "reason": None, "detail": None,
         "width": None, "height": None, "mode": None, "format": None, "orientation": None, "frames": None,
         "bytes": None, "sha1": None, "phash": None, "dhash": None, "mean_rgb": None,
-        "notes": [],
+        "quality": None, "notes": [],
     }
     data = None  # a URL's bytes, fetched once rather than once per step below
     try:
@@ -115,6 +116,7 @@ def check_and_resize(task: Task, *, max_pixels: int, min_side: int, size: int | 
     record["phash"] = str(imagehash.phash(image))
     record["dhash"] = str(imagehash.dhash(image))  # second, independent hash: confirms phash matches
     record["mean_rgb"] = [round(value, 2) for value in ImageStat.Stat(image).mean]
+    record["quality"] = quality.measure(image)  # brightness, blur, entropy, colour: judged by the audit
     record["notes"] = _notes(path, header)
     if min(record["width"], record["height"]) < min_side:
         return _reject(record, "too small", f"{record['width']}x{record['height']}: shorter side under min_side "
@@ -511,6 +513,7 @@ def scan(data: str | Path, *, out: str | Path | None = None, config: DataConfig 
     check = functools.partial(check_and_resize, max_pixels=config.max_pixels, min_side=config.min_side,
                               size=cache.size if cache is not None else None, from_side=cache_from_side)
     walker, tally = _Walker(skipped=skipped), _Tally()
+    quality.load()  # before the workers fork, so that each shares the import
     partial_path = records_path.with_suffix(".jsonl.partial")
     try:
         with open(partial_path, "w", encoding="ascii") as stream, _mapper(workers or config.workers) as mapper, \
@@ -540,6 +543,7 @@ def _scan_sharded(root: Path, layout: str, units: list[Unit], skipped: Counter, 
     tasks = distributed.on_main(lambda: list(walker.tasks(root, layout, units)))  # one order for every rank
     check = functools.partial(check_file, max_pixels=config.max_pixels, min_side=config.min_side)
     parts = [records_path.with_name(f"{RECORDS_FILE}.part{r}") for r in range(world)]
+    quality.load()
 
     def check_share() -> None:
         with open(parts[rank], "w", encoding="ascii") as stream, \

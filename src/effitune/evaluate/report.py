@@ -3,7 +3,8 @@
 `write_report(bundle)` runs the bundle over its labelled images once and writes, to `RUN/report/`:
 training curves with phase boundaries, test metrics with a confusion matrix and the most confused
 pairs, a gallery of the most confident mistakes, a reliability diagram before and after the bundle's
-temperature, the model-assisted data audit (`data_audit.py`) and the split distribution. Figures
+temperature, the model-assisted data audit (`data_audit.py`), the images of poor quality the
+file-level audit finds (`data/quality.py`) and the split distribution. Figures
 are embedded as base64 PNG, so the page opens offline and fetches nothing; the same figures are
 saved as PNG files beside it, and every number is in `report.json`.
 """
@@ -14,6 +15,7 @@ import csv
 import html
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ import numpy as np
 from .. import files
 from .. import timings as run_timings
 from ..bundle import read_meta
+from ..data.quality import find_quality_issues
 from ..data.sources import read_source
 from ..errors import EffituneWarning, UserError
 from ..predict import Embedded, Predictor, embed
@@ -103,6 +106,38 @@ def split_table(rows: Sequence[dict]) -> dict[str, dict[str, int]]:
     return {split: dict(sorted(counts.items())) for split, counts in table.items()}
 
 
+def quality_summary(rows: Sequence[dict], records: dict[str, dict] | None) -> dict | None:
+    """The file-level audit's image-quality findings on the rows' scan records (no pixels read again);
+    None without records (a manifest with no records.jsonl beside it)."""
+    if records is None:
+        return None
+    chosen = [records[key] for row in rows if (key := os.path.normpath(row["path"])) in records]
+    findings = find_quality_issues(chosen)
+    return {"measured": findings.measured, "counts": findings.counts,
+            "issues": [issue.to_dict() for issue in findings.issues]}
+
+
+def quality_gallery(quality: dict | None, thumbnail) -> bytes | None:
+    """PNG thumbnails of the worst images of each quality kind, each with its number beside the typical one."""
+    shown = quality_shown((quality or {}).get("issues", []))
+    if not shown:
+        return None
+    return plots.png(plots.gallery(
+        [thumbnail(q["path"]) for q in shown],
+        [f"{q['kind'].replace('_', ' ')}: {q['label']}\n{q['value']:.3g} (typical {q['typical']:.3g})" for q in shown]))
+
+
+def quality_shown(issues: Sequence[dict], limit: int = _AUDIT_SHOWN) -> list[dict]:
+    """Up to `limit` findings for the gallery, taken in turn from each kind (each kind's worst first)."""
+    by_kind: dict[str, list[dict]] = {}
+    for issue in issues:
+        by_kind.setdefault(issue["kind"], []).append(issue)
+    shown: list[dict] = []
+    for rank in range(limit):
+        shown += [found[rank] for found in by_kind.values() if rank < len(found)]
+    return shown[:limit]
+
+
 # ---------------------------------------------------------------------------------- the report
 def write_report(bundle: str | Path, data: str | Path | None = None, out: str | Path | None = None, *,
                  device: str = "cpu", cache: str | Path | None = None, embedded: Embedded | None = None) -> Path:
@@ -151,6 +186,7 @@ def write_report(bundle: str | Path, data: str | Path | None = None, out: str | 
         "most_confused": most_confused(metrics["confusion"], classes) if metrics else [],
         "mistakes": confident_mistakes(evaluation, rows, classes) if metrics else [],
         "calibration": calibration, "splits": split_table(rows), "audit": audit.to_dict(),
+        "quality": quality_summary(rows, records),
         "timings": run_timings.read(bundle.parent),
     }
     summary["warnings"] = _report_warnings(summary) + audit.warnings
@@ -252,6 +288,9 @@ def _figures(summary: dict, history: list[dict], audit, thumbnail: "Thumbnails",
     if outliers:
         figures["outliers"] = plots.png(plots.gallery([thumbnail(r["path"]) for r in outliers],
                                                       [f"{r['label']}\nkNN distance {r['score']:.3f}" for r in outliers]))
+    quality = quality_gallery(summary.get("quality"), thumbnail)
+    if quality is not None:
+        figures["quality"] = quality
     if audit.shortcut.get("groups"):
         figures["shortcuts"] = plots.png(plots.shortcut_bars(audit.shortcut))
     figures["splits"] = plots.png(plots.split_distribution(summary["splits"], classes))
@@ -486,8 +525,25 @@ def _audit(summary: dict, figures: dict) -> str:
     parts.append(_table(["kNN distance", "label", "path", "beyond fence"],
                         [[_f(o["score"]), o["label"], o["path"], "yes" if o["flagged"] else ""]
                          for o in audit["outliers"]], numeric=(0,), limit=10))
+    parts.append(_quality_html(summary.get("quality"), figures))
     parts.append(_shortcut_html(audit["shortcut"], figures))
     return "".join(parts)
+
+
+def _quality_html(quality: dict | None, figures: dict) -> str:
+    if quality is None:
+        return ('<h3 id="quality">Image quality</h3><p class="muted">Skipped: no scan records (records.jsonl) '
+                'beside the manifest.</p>')
+    issues = quality["issues"]
+    counts = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in quality["counts"].items()) or "none"
+    return (f'<h3 id="quality">Image quality ({_e(counts)})</h3><p class="muted">No model needed: cleanvision\'s '
+            'image properties (brightness, edge strength, entropy, size, aspect, colour) from the scan, each image '
+            'judged against its own class (brightness, sharpness, information) or the whole data set (size, aspect, '
+            f'grayscale among colour), not against fixed thresholds; {quality["measured"]} images measured.</p>'
+            f'{_img(figures, "quality", "images of poor quality")}'
+            + _table(["kind", "value", "typical", "label", "path"],
+                     [[q["kind"].replace("_", " "), f"{q['value']:.3g}", f"{q['typical']:.3g}", q["label"], q["path"]]
+                      for q in issues], numeric=(1, 2), limit=20))
 
 
 def _shortcut_html(shortcut: dict, figures: dict) -> str:
