@@ -11,7 +11,13 @@ Then the audit runs as `effitune audit DATA` would (scan, then `data.audit.audit
 and for each kind: recall (planted ones found), precision (of the images its check flags, the share
 that were planted with it), and each check's false alarms on the clean images.
 
+`--kinds flipped` plants flipped labels (an image of one class filed under another): a model is then
+trained with the defaults on the planted set and `effitune audit DATA --model BUNDLE` runs
+(`evaluate.data_audit.audit_data`); besides recall and precision it reports the precision among the
+first N flagged (N = the number planted), the list a user reads from the top.
+
     python benchmarks/audit_quality.py --sizes 1500 15000 --work /tmp/audit-quality
+    python benchmarks/audit_quality.py --sizes 1500 15000 --kinds flipped --work /tmp/audit-labels
 
 The last line printed is one JSON list of the rows.
 """
@@ -45,9 +51,16 @@ class Kind:
     name: str
     plant: Callable[[np.ndarray, argparse.Namespace], np.ndarray]
     check: str
+    relabel: bool = False  # filed under another class (the image itself unchanged): needs a model to find
+
+    def ranked(self, report: dict) -> list[str]:
+        """The paths the audit flags with this kind's finding, in the audit's order (worst first)."""
+        if self.relabel:
+            return [issue["path"] for issue in report["model_audit"]["label_issues"]]
+        return [issue["path"] for issue in report["quality_issues"] if issue["kind"] == self.check]
 
     def found(self, report: dict) -> set[str]:
-        return {issue["path"] for issue in report["quality_issues"] if issue["kind"] == self.check}
+        return set(self.ranked(report))
 
 
 def blurred(image: np.ndarray, args: argparse.Namespace) -> np.ndarray:
@@ -60,7 +73,13 @@ def darkened(image: np.ndarray, args: argparse.Namespace) -> np.ndarray:
     return (image.astype(np.float32) * args.dark_factor).round().astype(np.uint8)
 
 
-KINDS = (Kind("blurred", blurred, "blurry"), Kind("darkened", darkened, "dark"))
+def unchanged(image: np.ndarray, args: argparse.Namespace) -> np.ndarray:
+    return image
+
+
+ALL_KINDS = {kind.name: kind for kind in (Kind("blurred", blurred, "blurry"), Kind("darkened", darkened, "dark"),
+                                           Kind("flipped", unchanged, "label_issue", relabel=True))}
+KINDS: tuple[Kind, ...] = (ALL_KINDS["blurred"], ALL_KINDS["darkened"])  # --kinds chooses
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -75,13 +94,17 @@ def write_planted_set(folder: Path, n: int, args: argparse.Namespace) -> dict[st
     shutil.rmtree(folder, ignore_errors=True)
     for label, name in enumerate(FASHION_MNIST_CLASSES):
         members = rng.permutation(np.flatnonzero(labels == label))
-        (folder / name).mkdir(parents=True)
+        (folder / name).mkdir(parents=True, exist_ok=True)
         plan = [("clean", None, clean_per_class)] + [(kind.name, kind, planted_per_class) for kind in KINDS]
         start = 0
         for truth_name, kind, count in plan:
             for index in members[start:start + count]:
                 pixels = images[index] if kind is None else kind.plant(images[index], args)
-                path = folder / name / f"{truth_name}_{index:05d}.png"
+                filed = name
+                if kind is not None and kind.relabel:  # another class, drawn at random
+                    filed = FASHION_MNIST_CLASSES[rng.choice([c for c in range(len(FASHION_MNIST_CLASSES)) if c != label])]
+                    (folder / filed).mkdir(parents=True, exist_ok=True)
+                path = folder / filed / f"{truth_name}_{index:05d}.png"
                 Image.fromarray(pixels, "L").save(path)
                 truth[truth_name].add(os.path.abspath(path))
             start += count
@@ -94,9 +117,11 @@ def score(report: dict, truth: dict[str, set[str]]) -> dict:
     row: dict = {"images": sum(len(paths) for paths in truth.values()), "clean": len(clean)}
     for kind in KINDS:
         flagged, planted = kind.found(report), truth[kind.name]
+        first = kind.ranked(report)[:len(planted)]
         row[kind.name] = {"planted": len(planted), "found": len(flagged & planted),
                           "recall": len(flagged & planted) / len(planted),
                           "precision": len(flagged & planted) / len(flagged) if flagged else None,
+                          "precision_at_n": sum(path in planted for path in first) / len(planted),
                           "false_alarm_rate": len(flagged & clean) / len(clean)}
     by_check: dict[str, set[str]] = {}
     for issue in report["quality_issues"]:
@@ -107,20 +132,31 @@ def score(report: dict, truth: dict[str, set[str]]) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| images | kind | planted | recall | precision | false alarms on clean (its check) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| images | kind | planted | recall | precision | precision among the first N | "
+             "false alarms on clean (its check) |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         for kind in KINDS:
             cell = row[kind.name]
             precision = "n/a" if cell["precision"] is None else f"{cell['precision']:.1%}"
             lines.append(f"| {row['images']} | {kind.name} ({kind.check}) | {cell['planted']} | {cell['recall']:.1%} | "
-                         f"{precision} | {cell['false_alarm_rate']:.2%} |")
+                         f"{precision} | {cell['precision_at_n']:.1%} | {cell['false_alarm_rate']:.2%} |")
     lines += ["", "| images | clean images flagged by any check | by check | scan + audit seconds |", "|---|---|---|---|"]
     for row in rows:
         checks = ", ".join(f"{check} {share:.2%}" for check, share in sorted(row["clean_flagged_by_check"].items()))
         lines.append(f"| {row['images']} | {row['clean_flagged_any']:.2%} | {checks or 'none'} | "
                      f"{row['scan_seconds']:.1f} + {row['audit_seconds']:.1f} |")
     return "\n".join(lines)
+
+
+def model_audit(data: Path, records: Path, args: argparse.Namespace):
+    """Train with the defaults on the planted set, then audit it with that model (`audit DATA --model`)."""
+    import effitune
+    from effitune.evaluate.data_audit import audit_data
+
+    run = data.parent / "run"
+    if not (run / "model" / "effitune.json").is_file():
+        effitune.train(data, out=run, progress=False)
+    return audit_data(run / "model", records)
 
 
 def main() -> None:
@@ -132,7 +168,11 @@ def main() -> None:
     parser.add_argument("--dark-factor", type=float, default=0.4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=None, help="scan processes (default: all cores)")
+    parser.add_argument("--kinds", nargs="+", choices=list(ALL_KINDS), default=["blurred", "darkened"],
+                        help="defects to plant (flipped: trains a model with the defaults, then audits with it)")
     args = parser.parse_args()
+    global KINDS
+    KINDS = tuple(ALL_KINDS[name] for name in args.kinds)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}; "
           f"command: {' '.join(sys.argv)}", flush=True)
     rows = []
@@ -143,8 +183,12 @@ def main() -> None:
         result = scan(data, out=data.parent / "scan", workers=args.workers)
         scanned = time.perf_counter()
         report = audit(result).to_dict()
+        audited = time.perf_counter()
+        if any(kind.relabel for kind in KINDS):
+            report["model_audit"] = model_audit(data, result.records_path, args).to_dict()
         row = score(report, truth)
-        row.update(scan_seconds=scanned - began, audit_seconds=time.perf_counter() - scanned,
+        row.update(scan_seconds=scanned - began, audit_seconds=audited - scanned,
+                   model_seconds=time.perf_counter() - audited,
                    blur_radius=args.blur_radius, dark_factor=args.dark_factor, share=args.share, seed=args.seed)
         rows.append(row)
         print(json.dumps(row), flush=True)

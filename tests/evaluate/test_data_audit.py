@@ -170,6 +170,42 @@ def test_label_issue_rule_on_known_probabilities():
     assert issues[0]["suggested"] == 1
 
 
+def test_label_issues_come_least_likely_given_label_first():
+    labels = np.repeat(np.arange(3), 40)
+    probabilities = np.full((120, 3), 0.05)
+    probabilities[np.arange(120), labels] = 0.9
+    wrong = {5: 0.01, 50: 0.06, 90: 0.03}  # given-label probability of three mislabelled images
+    for index, given in wrong.items():  # ... confidently of the next class
+        probabilities[index] = 0.01
+        probabilities[index, labels[index]] = given
+        probabilities[index, (labels[index] + 1) % 3] = 0.99 - given
+    issues, _ = find_label_issues(probabilities, labels)
+    found = [issue["index"] for issue in issues]
+    assert set(found) == set(wrong) and found == sorted(wrong, key=wrong.get)
+    assert [issue["suggested"] for issue in issues] == [(labels[i] + 1) % 3 for i in found]
+
+
+def test_label_errors_read_the_frozen_features_a_fine_tuned_model_cannot_bend():
+    """A network fine-tuned on wrong labels pulls those images to the wrong class in its pooled features;
+    the frozen layers still place them with their true class, and the probe reads those."""
+    rng = np.random.default_rng(0)
+    truth = np.repeat(np.arange(3), 60)
+    given = truth.copy()
+    flipped = np.array([3, 70, 130, 150])
+    given[flipped] = (truth[flipped] + 1) % 3
+    centres = rng.normal(0, 1, (3, 24)) * 4
+    memorised = centres[given] + rng.normal(0, 1, (180, 24))  # trained features follow the given labels
+    frozen = centres[truth][:, :16] + rng.normal(0, 1, (180, 16))  # untouched layers follow the content
+    names = [f"class_{k}" for k in given]
+    paths = [f"/data/{i}.png" for i in range(180)]
+    plain = audit_features(memorised, names, paths)
+    assert not {i["path"] for i in plain.label_issues} & {paths[i] for i in flipped}
+    assert "trained pooled features" in plain.label_features
+    audit = audit_features(memorised, names, paths, frozen_features=frozen)
+    assert {paths[i] for i in flipped} <= {i["path"] for i in audit.label_issues}
+    assert "frozen (16 dims)" in audit.label_features and "label_features" in audit.to_dict()
+
+
 def test_neighbours_blocked_matches_brute_force(monkeypatch):
     from effitune.evaluate import neighbours as nearest
 

@@ -149,7 +149,7 @@ def write_report(bundle: str | Path, data: str | Path | None = None, out: str | 
     `embedded`: this bundle's outputs for the data's rows, when already computed (else computed here).
     """
     from .calibration import reliability
-    from .data_audit import audit_features, image_metadata
+    from .data_audit import audit_features, image_metadata, split_embedding
     from .metrics import classification_metrics
 
     began = time.perf_counter()
@@ -167,11 +167,11 @@ def write_report(bundle: str | Path, data: str | Path | None = None, out: str | 
     if embedded is None or not embedded.covers(rows):
         embedded = embed(predictor, rows, cache=cache)
     logits, features = embedded.logits, embedded.features
-    features = features[:, :predictor.pooled_dim]  # the audit reads the pooled features
+    features, frozen = split_embedding(features, predictor.pooled_dim)  # label errors read the frozen part
     evaluation = evaluate_rows(rows, logits, classes, temperature)
     paths = [row["path"] for row in rows]
     audit = audit_features(features, [r["label"] for r in rows], paths, splits=[r.get("split") for r in rows],
-                           metadata=image_metadata(paths, records), device=device)
+                           metadata=image_metadata(paths, records), device=device, frozen_features=frozen)
     metrics = classification_metrics(evaluation.probabilities, evaluation.labels, classes) \
         if len(evaluation.labels) else {}
     labelled = len(evaluation.labels) > 0
@@ -503,8 +503,8 @@ def _audit(summary: dict, figures: dict) -> str:
              f'features reaches {_f(audit["out_of_fold_accuracy"])} out-of-fold accuracy.</p>']
     parts += [f'<div class="warn">{_e(w)}</div>' for w in audit["warnings"]]
     parts.append(f'<h3 id="label-errors">Likely label errors ({counts["label_issues"]})</h3><p class="muted">'
-                 'Out-of-fold probabilities from a 5-fold logistic regression on the features; flagged when the '
-                 'given label is below its class\'s mean self-confidence and another class is above its own.</p>')
+                 f'Out-of-fold probabilities from a 5-fold logistic regression on {_e(audit["label_features"])}; '
+                 'flagged by cleanlab\'s confident learning (prune by noise rate), least likely given label first.</p>')
     parts.append(_img(figures, "label_issues", "likely label errors"))
     parts.append(_table(["given", "suggested", "p(given)", "p(suggested)", "split", "path"],
                         [[r["label"], r["suggested"], _f(r["self_confidence"]), _f(r["suggested_probability"]),
