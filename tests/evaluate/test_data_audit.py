@@ -113,6 +113,8 @@ def test_flipped_labels_are_found_with_few_false_alarms(planted):
           f"of {audit.n - len(explained)} clean images: {sorted(false_alarms)}")
     assert len(found) >= 5
     assert len(false_alarms) <= 2
+    # the probe read ImageNet's features of the bundle's architecture, not the bundle's own
+    assert audit.label_features.startswith("ImageNet features of tf_efficientnet_lite0") and "packaged" in audit.label_features
     for issue in audit.label_issues:
         if issue["path"] in truth["flipped"]:  # the suggestion names the class the image was taken from
             assert issue["suggested"] == truth["flipped"][issue["path"]]
@@ -263,3 +265,17 @@ def test_the_label_probe_fits_on_a_bounded_sample(monkeypatch):
     assert fitted and max(fitted) <= 120 + 3
     assert probabilities.shape == (600, 3) and np.allclose(probabilities.sum(1), 1)
     assert (probabilities.argmax(1) == labels).mean() > 0.9  # still a working probe
+
+
+def test_without_imagenet_weights_the_label_probe_says_what_it_read(planted, monkeypatch):
+    from effitune.errors import EffituneWarning, UserError
+    from effitune.models import pretrained
+
+    def missing(*args, **kwargs):
+        raise UserError("No ImageNet weights for this backbone offline.\nPass --weights FILE.")
+
+    monkeypatch.setattr(pretrained, "load_pretrained", missing)
+    root, _, bundle, _ = planted
+    with pytest.warns(EffituneWarning, match=r"not at hand \(No ImageNet weights for this backbone offline\.\); the label-error probe reads"):
+        audit = audit_data(bundle, root / "data")
+    assert "ImageNet" not in audit.label_features and "trained pooled features" in audit.label_features
