@@ -24,6 +24,7 @@ The last line printed is one JSON list of the rows.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -52,11 +53,18 @@ class Kind:
     plant: Callable[[np.ndarray, argparse.Namespace], np.ndarray]
     check: str
     relabel: bool = False  # filed under another class (the image itself unchanged): needs a model to find
+    # copies: made from one of the clean images of the set (its partner), then filed under another class
+    # ("class") or put in another split than the partner's in the manifest ("split")
+    copy_of_clean: str | None = None
 
     def ranked(self, report: dict) -> list[str]:
         """The paths the audit flags with this kind's finding, in the audit's order (worst first)."""
         if self.relabel:
             return [issue["path"] for issue in report["model_audit"]["label_issues"]]
+        if self.copy_of_clean:
+            flag = "label_conflict" if self.copy_of_clean == "class" else "leakage"
+            return [path for group in report["exact_duplicates"] + report["near_duplicates"] if group[flag]
+                    for path in group["paths"]]
         return [issue["path"] for issue in report["quality_issues"] if issue["kind"] == self.check]
 
     def found(self, report: dict) -> set[str]:
@@ -77,20 +85,35 @@ def unchanged(image: np.ndarray, args: argparse.Namespace) -> np.ndarray:
     return image
 
 
+def retouched(image: np.ndarray, args: argparse.Namespace) -> np.ndarray:
+    """A near copy: contrast x0.95 and brightness +6 (other bytes, the same picture)."""
+    return (image.astype(np.float32) * 0.95 + 6).clip(0, 255).round().astype(np.uint8)
+
+
 ALL_KINDS = {kind.name: kind for kind in (Kind("blurred", blurred, "blurry"), Kind("darkened", darkened, "dark"),
-                                           Kind("flipped", unchanged, "label_issue", relabel=True))}
+                                           Kind("flipped", unchanged, "label_issue", relabel=True),
+                                           Kind("cross_class_copy", retouched, "duplicate across classes",
+                                                copy_of_clean="class"),
+                                           Kind("cross_split_copy", retouched, "duplicate across splits",
+                                                copy_of_clean="split"))}
 KINDS: tuple[Kind, ...] = (ALL_KINDS["blurred"], ALL_KINDS["darkened"])  # --kinds chooses
 
 
 # ------------------------------------------------------------------------------------------ data
-def write_planted_set(folder: Path, n: int, args: argparse.Namespace) -> dict[str, set[str]]:
-    """N images in `folder/<class>/`: clean ones and `share` x N of each kind; {kind or "clean": paths}."""
+def write_planted_set(folder: Path, n: int, args: argparse.Namespace) -> tuple[dict[str, set[str]], dict[str, str]]:
+    """N images in `folder/<class>/`: clean ones and `share` x N of each kind; ({kind or "clean": paths},
+    {copy: the clean image it was made from}).
+
+    With a cross-split kind, `folder.parent / "manifest.csv"` gives every image a seeded random split
+    (70/15/15, not duplicate-aware, as a user's own split may be), each such copy another than its partner's.
+    """
     images, labels = load_fashion_mnist("train")
     rng = np.random.default_rng(args.seed)
     per_class = n // len(FASHION_MNIST_CLASSES)
     planted_per_class = max(1, round(args.share * per_class))
     clean_per_class = per_class - planted_per_class * len(KINDS)
     truth: dict[str, set[str]] = {"clean": set(), **{kind.name: set() for kind in KINDS}}
+    partner_of: dict[str, str] = {}
     shutil.rmtree(folder, ignore_errors=True)
     for label, name in enumerate(FASHION_MNIST_CLASSES):
         members = rng.permutation(np.flatnonzero(labels == label))
@@ -99,30 +122,56 @@ def write_planted_set(folder: Path, n: int, args: argparse.Namespace) -> dict[st
         start = 0
         for truth_name, kind, count in plan:
             for index in members[start:start + count]:
+                if kind is not None and kind.copy_of_clean:  # a copy of one of this class's clean images
+                    index = members[rng.integers(clean_per_class)]
                 pixels = images[index] if kind is None else kind.plant(images[index], args)
                 filed = name
-                if kind is not None and kind.relabel:  # another class, drawn at random
+                if kind is not None and (kind.relabel or kind.copy_of_clean == "class"):  # another class, at random
                     filed = FASHION_MNIST_CLASSES[rng.choice([c for c in range(len(FASHION_MNIST_CLASSES)) if c != label])]
                     (folder / filed).mkdir(parents=True, exist_ok=True)
-                path = folder / filed / f"{truth_name}_{index:05d}.png"
+                path = folder / filed / f"{truth_name}_{index:05d}_{start}.png"
+                while path.exists():  # the same clean image copied twice
+                    path = path.with_name(path.stem + "b.png")
                 Image.fromarray(pixels, "L").save(path)
                 truth[truth_name].add(os.path.abspath(path))
+                if kind is not None and kind.copy_of_clean:
+                    partner_of[os.path.abspath(path)] = os.path.abspath(folder / name / f"clean_{index:05d}_0.png")
             start += count
-    return truth
+    (folder.parent / "manifest.csv").unlink(missing_ok=True)
+    if any(kind.copy_of_clean == "split" for kind in KINDS):
+        write_random_split(folder.parent / "manifest.csv", truth, partner_of, rng)
+    return truth, partner_of
+
+
+def write_random_split(path: Path, truth: dict[str, set[str]], partner_of: dict[str, str], rng) -> None:
+    """A manifest with a seeded random split per image; each cross-split copy in another split than its partner."""
+    splits = ("train", "val", "test")
+    everything = sorted(set().union(*truth.values()))
+    split_of = {item: splits[rng.choice(3, p=[0.7, 0.15, 0.15])] for item in everything}
+    for item in truth.get("cross_split_copy", ()):
+        split_of[item] = next(s for s in rng.permutation(splits) if s != split_of[partner_of[item]])
+    with open(path, "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["path", "label", "split"])
+        writer.writerows([item, Path(item).parent.name, split_of[item]] for item in everything)
 
 
 # ---------------------------------------------------------------------------------------- scoring
-def score(report: dict, truth: dict[str, set[str]]) -> dict:
+def score(report: dict, truth: dict[str, set[str]], partner_of: dict[str, str]) -> dict:
+    """Per kind: recall, precision, precision among the first N and false alarms on clean images. A copy's
+    partner (the clean image it was made from) is rightly in its duplicate group: neither a hit nor an alarm."""
     clean = truth["clean"]
     row: dict = {"images": sum(len(paths) for paths in truth.values()), "clean": len(clean)}
     for kind in KINDS:
         flagged, planted = kind.found(report), truth[kind.name]
-        first = kind.ranked(report)[:len(planted)]
+        partners = {partner_of[path] for path in planted if path in partner_of}
+        counted = flagged - partners
+        first = [path for path in kind.ranked(report) if path not in partners][:len(planted)]
         row[kind.name] = {"planted": len(planted), "found": len(flagged & planted),
                           "recall": len(flagged & planted) / len(planted),
-                          "precision": len(flagged & planted) / len(flagged) if flagged else None,
+                          "precision": len(counted & planted) / len(counted) if counted else None,
                           "precision_at_n": sum(path in planted for path in first) / len(planted),
-                          "false_alarm_rate": len(flagged & clean) / len(clean)}
+                          "false_alarm_rate": len(counted & clean) / len(clean)}
     by_check: dict[str, set[str]] = {}
     for issue in report["quality_issues"]:
         by_check.setdefault(issue["kind"], set()).add(issue["path"])
@@ -178,15 +227,17 @@ def main() -> None:
     rows = []
     for n in args.sizes:
         data = args.work / f"fashion-{n}" / "data"
-        truth = write_planted_set(data, n, args)
+        truth, partner_of = write_planted_set(data, n, args)
         began = time.perf_counter()
         result = scan(data, out=data.parent / "scan", workers=args.workers)
         scanned = time.perf_counter()
-        report = audit(result).to_dict()
+        manifest = data.parent / "manifest.csv"
+        splits = list(csv.DictReader(manifest.open())) if manifest.is_file() else None  # path, label, split
+        report = audit(result, manifest=splits).to_dict()
         audited = time.perf_counter()
         if any(kind.relabel for kind in KINDS):
             report["model_audit"] = model_audit(data, result.records_path, args).to_dict()
-        row = score(report, truth)
+        row = score(report, truth, partner_of)
         row.update(scan_seconds=scanned - began, audit_seconds=audited - scanned,
                    model_seconds=time.perf_counter() - audited,
                    blur_radius=args.blur_radius, dark_factor=args.dark_factor, share=args.share, seed=args.seed)
