@@ -202,9 +202,11 @@ def model_audit(data: Path, records: Path, args: argparse.Namespace):
     import effitune
     from effitune.evaluate.data_audit import audit_data
 
-    run = data.parent / "run"
+    overrides = dict(item.split("=", 1) for item in args.overrides)
+    run = data.parent / "-".join(["run", *args.overrides])
     if not (run / "model" / "effitune.json").is_file():
-        effitune.train(data, out=run, progress=False)
+        effitune.train(data, out=run, progress=False,
+                       config=effitune.load_config(overrides=overrides) if overrides else None)
     return audit_data(run / "model", records)
 
 
@@ -219,6 +221,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="scan processes (default: all cores)")
     parser.add_argument("--kinds", nargs="+", choices=list(ALL_KINDS), default=["blurred", "darkened"],
                         help="defects to plant (flipped: trains a model with the defaults, then audits with it)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a training setting other than the default for flipped (e.g. train.unfreeze=0); "
+                             "the label probe reads ImageNet features, not the trained ones, so a short training "
+                             "measures the same label-error path")
     args = parser.parse_args()
     global KINDS
     KINDS = tuple(ALL_KINDS[name] for name in args.kinds)

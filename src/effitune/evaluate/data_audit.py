@@ -489,9 +489,10 @@ def imagenet_features(predictor, rows: Sequence[dict], *, cache: str | Path | No
 
     Fine-tuning, even of a few stages, moves the features a label probe would read; a bundle that trained
     deep keeps only low-level layers frozen. The ImageNet network never saw these labels at any depth.
-    Measured on 5% flipped Fashion-MNIST labels with cleanlab (recall / precision among the first N):
-    below the last stage 0.87 / 0.81 at 1,500 images and 0.92 / 0.87 at 15,000; the whole pooled
-    network 0.73 / 0.81 and 0.93 / 0.86; a bundle's own prefix after training 3 stages 0.81 / 0.60.
+    Measured on 5% flipped Fashion-MNIST labels with cleanlab (recall / precision among the first N;
+    benchmarks/label_features.py): below the last stage 0.87 / 0.76 at 1,500 images and 0.92 / 0.85 at
+    15,000; the whole pooled network 0.80 / 0.72 and 0.93 / 0.85; below the last 3 stages 0.88 / 0.68 and
+    0.90 / 0.77; a bundle's own prefix after training 3 stages, at 1,500: 0.81 / 0.60.
     One more pass over the images (`row_images`: the run's cache where it has them).
     """
     import copy
