@@ -202,7 +202,9 @@ def model_audit(data: Path, records: Path, args: argparse.Namespace):
     import effitune
     from effitune.evaluate.data_audit import audit_data
 
-    overrides = dict(item.split("=", 1) for item in args.overrides)
+    import yaml
+
+    overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.overrides)}
     run = data.parent / "-".join(["run", *args.overrides])
     if not (run / "model" / "effitune.json").is_file():
         effitune.train(data, out=run, progress=False,
