@@ -54,7 +54,9 @@ MIN_EXAMPLES = 10  # unknown example images the examples probe needs (fewer: the
 MAX_EXAMPLES = 5000  # examples the probe trains on at most (a seeded sample beyond)
 PROBE_C = 10.0  # inverse L2 strength of the examples probe (benchmarks/near_ood.py: C 1 / 10 / 100 within 0.01)
 EXPLAINED_VARIANCE = 0.9  # share of the shared covariance kept as explicit eigen-directions; the rest is isotropic
-SCORES: dict[str, Callable[["UnknownDetector", np.ndarray, np.ndarray], np.ndarray]] = {}
+# name -> score(detector, logits, features, known): `known` holds the scores this call has computed so far,
+# so a score built from others (`part`) reuses them instead of searching the neighbours again
+SCORES: dict[str, Callable[["UnknownDetector", np.ndarray, np.ndarray, dict], np.ndarray]] = {}
 
 
 def register_score(name: str):
@@ -168,14 +170,18 @@ class UnknownDetector:
         """The pooled-feature columns of `features`."""
         return np.asarray(features)[:, :self.pooled_dim] if self.pooled_dim is not None else np.asarray(features)
 
-    def _knn_parts(self, features: np.ndarray) -> dict[str, np.ndarray]:
+    def _knn_parts(self, features: np.ndarray, pooled_knn: Callable[[], np.ndarray] | None = None
+                   ) -> dict[str, np.ndarray]:
+        """{"knn": pooled knn, "prefix": knn on the frozen-prefix part}; `pooled_knn` gives the first where a
+        `scores` call has it already."""
         features = np.asarray(features, np.float32)
         width = self.pooled_dim
         if features.shape[1] != width + self.prefix_bank.shape[1]:
             raise UserError(f"The features have {features.shape[1]} columns; this bundle's unknown-image statistics "
                             f"expect {width} pooled + {self.prefix_bank.shape[1]} frozen-prefix columns. Was the "
                             "ONNX file exported from another bundle? Export it again.")
-        return {"knn": kth_similarity(l2_normalize(features[:, :width]), self.bank, self.k),
+        return {"knn": pooled_knn() if pooled_knn else kth_similarity(l2_normalize(features[:, :width]), self.bank,
+                                                                       self.k),
                 "prefix": kth_similarity(l2_normalize(features[:, width:]), self.prefix_bank, self.k)}
 
     def scores(self, logits: np.ndarray, features: np.ndarray, names: Iterable[str] | None = None) -> dict:
@@ -187,8 +193,8 @@ class UnknownDetector:
                      f"frozen-prefix features and at least {MIN_STANDARDIZE} validation images")
             raise UserError(f"unknown-image score '{unavailable[0]}' needs {needs}, which this bundle's statistics "
                             f"lack; use one of {', '.join(self.available)}.")
-        return {name: SCORES[name](self, np.asarray(logits, np.float32), np.asarray(features, np.float32))
-                for name in (names or self.available)}
+        logits, features, known = np.asarray(logits, np.float32), np.asarray(features, np.float32), {}
+        return {name: part(self, name, logits, features, known) for name in (names or self.available)}
 
     @property
     def score_name(self) -> str:
@@ -308,42 +314,49 @@ def _shared_covariance(centered: np.ndarray) -> tuple[np.ndarray, np.ndarray, fl
     return vectors[:, :rank].T.astype(np.float32), kept.astype(np.float32), residual
 
 
+def part(detector: UnknownDetector, name: str, logits: np.ndarray, features: np.ndarray, known: dict) -> np.ndarray:
+    """Score `name`, computed once per `scores` call (`known`: what the call has computed so far)."""
+    if name not in known:
+        known[name] = SCORES[name](detector, logits, features, known)
+    return known[name]
+
+
 @register_score("msp")
-def _msp(detector: UnknownDetector, logits: np.ndarray, features: np.ndarray) -> np.ndarray:
+def _msp(detector: UnknownDetector, logits: np.ndarray, features: np.ndarray, known: dict) -> np.ndarray:
     return softmax(logits, detector.temperature).max(axis=1)
 
 
 @register_score("energy")
-def _energy(detector: UnknownDetector, logits: np.ndarray, features: np.ndarray) -> np.ndarray:
+def _energy(detector: UnknownDetector, logits: np.ndarray, features: np.ndarray, known: dict) -> np.ndarray:
     z = logits / detector.temperature
     top = z.max(axis=1)
     return detector.temperature * (top + np.log(np.exp(z - top[:, None]).sum(axis=1)))
 
 
 @register_score("knn")
-def _knn(detector: UnknownDetector, logits: np.ndarray, features: np.ndarray, chunk: int = 1024) -> np.ndarray:
-    return kth_similarity(l2_normalize(detector.pooled(features)), detector.bank, detector.k, chunk)
+def _knn(detector: UnknownDetector, logits: np.ndarray, features: np.ndarray, known: dict) -> np.ndarray:
+    return kth_similarity(l2_normalize(detector.pooled(features)), detector.bank, detector.k)
 
 
 @register_score("knn-frozen")
-def _knn_frozen(detector: UnknownDetector, logits: np.ndarray, features: np.ndarray) -> np.ndarray:
-    parts = detector._knn_parts(features)
+def _knn_frozen(detector: UnknownDetector, logits: np.ndarray, features: np.ndarray, known: dict) -> np.ndarray:
+    parts = detector._knn_parts(features, lambda: part(detector, "knn", logits, features, known))
     return np.min([(parts[name] - median) / spread for name, (median, spread) in detector.standardize.items()],
                   axis=0).astype(np.float32)
 
 
 @register_score("ensemble")
-def _ensemble(detector: UnknownDetector, logits: np.ndarray, features: np.ndarray) -> np.ndarray:
+def _ensemble(detector: UnknownDetector, logits: np.ndarray, features: np.ndarray, known: dict) -> np.ndarray:
     spread = detector.ensemble_standardize
-    return np.mean([(SCORES[name](detector, logits, features) - spread[name][0]) / spread[name][1]
+    return np.mean([(part(detector, name, logits, features, known) - spread[name][0]) / spread[name][1]
                     for name in ENSEMBLE_PARTS], axis=0).astype(np.float32)
 
 
 @register_score("examples")
-def _examples(detector: UnknownDetector, logits: np.ndarray, features: np.ndarray) -> np.ndarray:
+def _examples(detector: UnknownDetector, logits: np.ndarray, features: np.ndarray, known: dict) -> np.ndarray:
     spread = detector.probe_standardize
     base = spread["base"]
-    parts = {base: SCORES[base](detector, logits, features), "probe": detector.probe_logit(features)}
+    parts = {base: part(detector, base, logits, features, known), "probe": detector.probe_logit(features)}
     return np.min([(parts[name] - spread[name][0]) / spread[name][1] for name in (base, "probe")],
                   axis=0).astype(np.float32)
 
@@ -359,7 +372,7 @@ def kth_similarity(queries: np.ndarray, bank: np.ndarray, k: int, chunk: int = 1
 
 
 @register_score("mahalanobis")
-def _mahalanobis(detector: UnknownDetector, logits: np.ndarray, features: np.ndarray) -> np.ndarray:
+def _mahalanobis(detector: UnknownDetector, logits: np.ndarray, features: np.ndarray, known: dict) -> np.ndarray:
     x, means = l2_normalize(detector.pooled(features)), detector.means
     squared = (x ** 2).sum(1)[:, None] - 2 * x @ means.T + (means ** 2).sum(1)[None]  # ||x - mu_c||^2
     px, pm = x @ detector.components.T, means @ detector.components.T

@@ -461,11 +461,11 @@ def audit_data(bundle: str | Path, data: str | Path, *, manifest: str | Path | N
     predictor = Predictor(bundle, device=device)
     features = embed(predictor, rows, cache=cache).features
     pooled, frozen = split_embedding(features, predictor.pooled_dim)
-    frozen_name = "the pooled output of the layers training left frozen"
+    named = {}  # which frozen features the probe reads, where not the bundle's own prefix
     imagenet, origin = imagenet_features(predictor, rows, cache=cache)
     if imagenet is not None:
-        frozen, frozen_name = imagenet, (f"ImageNet features of {predictor.meta['backbone']} (pooled below its last "
-                                         f"{LABEL_DEPTH} stage, weights {origin})")
+        frozen, named["frozen_name"] = imagenet, (f"ImageNet features of {predictor.meta['backbone']} (pooled below "
+                                                  f"its last {LABEL_DEPTH} stage, weights {origin})")
     else:
         warnings.warn(f"{origin}; the label-error probe reads this bundle's own features instead (its frozen "
                       "layers where it has them), which may have learned some of the wrong labels.", EffituneWarning,
@@ -473,7 +473,7 @@ def audit_data(bundle: str | Path, data: str | Path, *, manifest: str | Path | N
     audit = audit_features(pooled, [r["label"] for r in rows], [r["path"] for r in rows],
                            splits=[r.get("split") for r in rows],
                            metadata=image_metadata([r["path"] for r in rows], records), similarity=similarity,
-                           device=device, frozen_features=frozen, frozen_name=frozen_name)
+                           device=device, frozen_features=frozen, **named)
     audit.heat = class_heat(predictor, rows, cache=cache)
     audit.warnings += heat_warnings(audit.heat)
     return audit
